@@ -1,0 +1,132 @@
+"""Buffers lines per (slice, contrast, phase, repetition, set) into k-space and emits slices.
+
+Placement follows the encoding: ky (and kz) relative to the encoding-limit centre, kx relative
+to each line's centre sample, so partial Fourier and asymmetric echoes land where they belong.
+ACS-only lines go to the calibration buffer only; ACS-and-imaging lines go to both.
+A slice is emitted at LAST_IN_SLICE, or as soon as every ky of the encoding limits is there;
+slices still open when the stream ends are flushed with a warning rather than lost.
+"""
+from __future__ import annotations
+
+import time
+
+import ismrmrd
+import numpy as np
+
+from .context import InputError, StreamContext
+from .items import KSpaceSlice, Notice, SliceKey
+
+# Lines that are not k-space samples of the image (navigators, phase correction, ...).
+_SKIPPED_FLAGS = (ismrmrd.ACQ_IS_NOISE_MEASUREMENT, ismrmrd.ACQ_IS_NAVIGATION_DATA,
+                  ismrmrd.ACQ_IS_PHASECORR_DATA, ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
+                  ismrmrd.ACQ_IS_HPFEEDBACK_DATA, ismrmrd.ACQ_IS_RTFEEDBACK_DATA)
+
+
+class _OpenSlice:
+    def __init__(self, key: SliceKey, coils: int, shape: tuple[int, int, int]):
+        kz, ky, kx = shape
+        self.key = key
+        self.kspace = np.zeros((coils, kz, ky, kx), dtype=np.complex64)
+        self.sampled = np.zeros((kz, ky), dtype=bool)
+        self.calibration = None
+        self.calibration_sampled = None
+        self.reference = None
+        self.reference_distance = None
+
+    def add_calibration(self, kz, ky, x0, data):
+        if self.calibration is None:
+            self.calibration = np.zeros_like(self.kspace)
+            self.calibration_sampled = np.zeros_like(self.sampled)
+        self.calibration[:, kz, ky, x0:x0 + data.shape[1]] = data
+        self.calibration_sampled[kz, ky] = True
+
+
+class SliceAccumulator:
+    def __init__(self, context: StreamContext):
+        self.context = context
+        enc = context.encoding
+        self.ny, self.nz = enc.encoded_matrix[1], enc.encoded_matrix[2]
+        self.ky_min, self.ky_max, self.ky_centre = enc.ky_limits
+        self.kz_min, self.kz_max, self.kz_centre = enc.kz_limits
+        self.open: dict[SliceKey, _OpenSlice] = {}
+
+    def _position(self, acquisition: ismrmrd.Acquisition) -> tuple[int, int, int]:
+        """(kz, ky, first kx) of a line in the buffer, or InputError when it does not fit."""
+        step1, step2 = acquisition.idx.kspace_encode_step_1, acquisition.idx.kspace_encode_step_2
+        ky = step1 - self.ky_centre + self.ny // 2
+        kz = step2 - self.kz_centre + self.nz // 2 if self.nz > 1 else 0
+        if not (self.ky_min <= step1 <= self.ky_max) or not 0 <= ky < self.ny:
+            raise InputError(f"acquisition {acquisition.scan_counter} has kspace_encode_step_1 = {step1}, outside "
+                             f"the encoding limits {self.ky_min}..{self.ky_max} of the header")
+        if not 0 <= kz < self.nz:
+            raise InputError(f"acquisition {acquisition.scan_counter} has kspace_encode_step_2 = {step2}, outside "
+                             f"the encoded matrix (z = {self.nz})")
+        nx = self.context.readout_samples
+        x0 = nx // 2 - acquisition.center_sample
+        if x0 < 0 or x0 + acquisition.number_of_samples > nx:
+            raise InputError(f"acquisition {acquisition.scan_counter} has {acquisition.number_of_samples} samples "
+                             f"with centre sample {acquisition.center_sample}, which does not fit a readout of "
+                             f"{nx} samples")
+        return kz, ky, x0
+
+    def __call__(self, items):
+        for item in items:
+            if not isinstance(item, ismrmrd.Acquisition):
+                yield item
+                continue
+            if any(item.is_flag_set(flag) for flag in _SKIPPED_FLAGS):
+                continue
+            finished = self._add(item)
+            if finished is not None:
+                yield self._emit(finished, complete=True, arrival=self.context.last_arrival)
+        for key in sorted(self.open):
+            open_slice = self.open[key]
+            if open_slice.reference is None:  # ACS lines only: nothing to reconstruct
+                yield Notice(f"calibration lines of {key} arrived without imaging lines: no image")
+                continue
+            lines = int(open_slice.sampled.sum())
+            yield Notice(f"{key}: the stream ended before its last line ({lines} lines received); "
+                         f"reconstructed what arrived")
+            yield self._emit(open_slice, complete=False, arrival=None)
+        self.open.clear()
+
+    def _add(self, acquisition: ismrmrd.Acquisition) -> _OpenSlice | None:
+        key = SliceKey.of(acquisition.idx)
+        kz, ky, x0 = self._position(acquisition)
+        open_slice = self.open.get(key)
+        if open_slice is None:
+            shape = (self.nz, self.ny, self.context.readout_samples)
+            open_slice = self.open[key] = _OpenSlice(key, acquisition.active_channels, shape)
+        if acquisition.active_channels != open_slice.kspace.shape[0]:
+            raise InputError(f"acquisition {acquisition.scan_counter} has {acquisition.active_channels} channels, "
+                             f"earlier lines of {key} had {open_slice.kspace.shape[0]}")
+        calibration = (acquisition.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+                       or acquisition.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING))
+        imaging = not acquisition.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+        data = acquisition.data
+        if calibration:
+            open_slice.add_calibration(kz, ky, x0, data)
+        if not imaging:
+            return None  # an ACS-only line never ends a slice: imaging lines follow
+        open_slice.kspace[:, kz, ky, x0:x0 + data.shape[1]] = data
+        open_slice.sampled[kz, ky] = True
+        # Geometry comes from the line nearest the k-space centre (all agree for 2D Cartesian).
+        distance = abs(ky - self.ny // 2)
+        if open_slice.reference is None or distance < open_slice.reference_distance:
+            open_slice.reference = acquisition.getHead()
+            open_slice.reference_distance = distance
+        if acquisition.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) or self._fully_sampled(open_slice):
+            return self.open.pop(key)
+        return None
+
+    def _fully_sampled(self, open_slice: _OpenSlice) -> bool:
+        lo = self.ky_min - self.ky_centre + self.ny // 2
+        hi = self.ky_max - self.ky_centre + self.ny // 2
+        return bool(open_slice.sampled[:, lo:hi + 1].all())
+
+    @staticmethod
+    def _emit(open_slice: _OpenSlice, complete: bool, arrival: float | None) -> KSpaceSlice:
+        return KSpaceSlice(key=open_slice.key, kspace=open_slice.kspace, sampled=open_slice.sampled,
+                           calibration=open_slice.calibration, calibration_sampled=open_slice.calibration_sampled,
+                           reference=open_slice.reference, complete=complete,
+                           last_line_time=arrival if arrival is not None else time.monotonic())

@@ -1,0 +1,157 @@
+"""Chains: an ordered list of stages described in YAML, built against one stream's context.
+
+    name: zerofill
+    stages:
+      - gadget: noise_prewhitening
+      - gadget: image_finish
+        data_type: ushort        # every other key is a parameter of that stage
+
+A stage is a class `Stage(context, **parameters)` whose instances are called with an iterator
+of items and yield items. The same chain runs in the embedded server and inside Gadgetron.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import yaml
+
+from .context import StreamContext
+
+# gadget name -> "module:Class" (modules imported on first use, so chains load only what they need)
+GADGETS = {
+    "noise_prewhitening": "gadgets.noise:NoisePrewhitening",
+    "remove_oversampling": "gadgets.oversampling:RemoveOversampling",
+    "slice_accumulator": "gadgets.accumulate:SliceAccumulator",
+    "zerofill_recon": "gadgets.zerofill:ZeroFilledRecon",
+    "image_finish": "gadgets.finish:ImageFinish",
+}
+
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """A chain cannot be found or is malformed; the text goes to the client."""
+
+
+@dataclass
+class ChainSpec:
+    name: str
+    stages: list[tuple[str, dict[str, Any]]]
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def from_mapping(mapping: Any, origin: str) -> "ChainSpec":
+        if not isinstance(mapping, dict) or not isinstance(mapping.get("stages"), list):
+            raise ConfigError(f"{origin}: a chain needs a 'stages' list")
+        stages = []
+        for number, entry in enumerate(mapping["stages"], 1):
+            if not isinstance(entry, dict) or "gadget" not in entry:
+                raise ConfigError(f"{origin}: stage {number} needs a 'gadget' key")
+            parameters = {k: v for k, v in entry.items() if k != "gadget"}
+            if entry["gadget"] not in GADGETS:
+                raise ConfigError(f"{origin}: stage {number}: unknown gadget {entry['gadget']!r} "
+                                  f"(known: {', '.join(sorted(GADGETS))})")
+            stages.append((entry["gadget"], parameters))
+        return ChainSpec(name=str(mapping.get("name", origin)), stages=stages,
+                         description=str(mapping.get("description", "")))
+
+    def build(self, context: StreamContext) -> list:
+        stages = []
+        for gadget, parameters in self.stages:
+            module_name, class_name = GADGETS[gadget].split(":")
+            stage_class = getattr(importlib.import_module(module_name), class_name)
+            try:
+                stages.append(stage_class(context, **parameters))
+            except TypeError as exc:
+                raise ConfigError(f"chain {self.name!r}, gadget {gadget!r}: {exc}") from None
+        return stages
+
+
+def run_stages(stages: list, items: Iterable) -> Iterator:
+    """Compose the stages over an item iterator; returns the iterator of output items."""
+    stream = iter(items)
+    for stage in stages:
+        stream = stage(stream)
+    return stream
+
+
+def parse_chain_text(text: str, origin: str) -> ChainSpec:
+    """A chain from YAML text, or from a Gadgetron XML chain that executes one of our targets."""
+    stripped = text.strip().rstrip("\0")
+    if stripped.startswith("<"):
+        return _chain_from_gadgetron_xml(stripped, origin)
+    try:
+        mapping = yaml.safe_load(stripped)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
+    return ChainSpec.from_mapping(mapping, origin)
+
+
+def safe_xml(text: str, origin: str) -> ElementTree.Element:
+    """Parse XML from a client, refusing DTDs and entities (no entity expansion, no external fetch)."""
+    if re.search(r"<!(DOCTYPE|ENTITY)", text, re.IGNORECASE):
+        raise ConfigError(f"{origin}: XML with a DOCTYPE or ENTITY declaration is refused")
+    try:
+        return ElementTree.fromstring(text)
+    except ElementTree.ParseError as exc:
+        raise ConfigError(f"{origin}: XML does not parse: {exc}") from None
+
+
+def _chain_from_gadgetron_xml(text: str, origin: str) -> ChainSpec:
+    """Gadgetron XML naming `<execute name="gadgets.external" target="CHAIN" .../>` runs CHAIN."""
+    root = safe_xml(text, origin)
+    for execute in root.iter():
+        if execute.tag.split("}")[-1] != "execute":
+            continue
+        if execute.get("name", "").startswith("gadgets."):
+            target = execute.get("target", "")
+            return ChainRepository.shared().load(target)
+    raise ConfigError(f"{origin}: this Gadgetron XML chain runs none of our targets "
+                      f"(expected <execute name=\"gadgets.external\" target=\"CHAIN\" type=\"python\"/>)")
+
+
+class ChainRepository:
+    """Resolves config names (CONFIG_FILE messages) to chains inside one directory, and only there."""
+
+    _shared: "ChainRepository | None" = None
+
+    def __init__(self, directory: Path | str = DEFAULT_CONFIG_DIR):
+        self.directory = Path(directory).resolve()
+
+    @classmethod
+    def shared(cls) -> "ChainRepository":
+        if cls._shared is None:
+            cls._shared = ChainRepository(os.environ.get("PISF_CONFIG_DIR", DEFAULT_CONFIG_DIR))
+        return cls._shared
+
+    def names(self) -> list[str]:
+        return sorted({p.stem for p in self.directory.glob("*.yaml")})
+
+    def load(self, name: str) -> ChainSpec:
+        name = name.strip().rstrip("\0")
+        # A name is a name: no separators, no parent references, nothing absolute.
+        if not _NAME.match(name) or ".." in name:
+            raise ConfigError(f"config {name!r} is not a valid chain name")
+        stem = name
+        for suffix in (".yaml", ".xml"):
+            if stem.endswith(suffix):
+                stem = stem[:-len(suffix)]
+                break
+        for candidate in (self.directory / f"{stem}.yaml", self.directory / f"{stem}.xml"):
+            resolved = candidate.resolve()
+            if resolved.parent != self.directory or not resolved.is_file():
+                continue  # symlinks out of the directory are ignored
+            text = resolved.read_text(encoding="utf-8")
+            spec = parse_chain_text(text, origin=candidate.name)
+            if candidate.suffix == ".yaml":
+                spec.name = stem
+            return spec
+        raise ConfigError(f"unknown config {name!r}; available: {', '.join(self.names()) or 'none'}")

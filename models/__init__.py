@@ -1,0 +1,1 @@
+"""PISF network definition (torch, training/export only) and the shipped ONNX models."""

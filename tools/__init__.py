@@ -1,0 +1,1 @@
+"""Offline tooling (simulate, train, export, evaluate, bench) and the `pisf` command line."""

@@ -1,0 +1,586 @@
+"""Physics-informed ISMRMRD raw-data simulator (`pisf simulate`).
+
+Writes a Cartesian multi-coil, multi-slice (optionally cine) raw file that the inline server can
+stream, with the noise-free ground truth stored in the same HDF5 file under `/pisf_groundtruth`.
+
+Model, in scanner coordinates (x = readout/LR, y = phase encode/AP, z = slice/HF; mm):
+  head phantom (soft-edged tissue fractions) -> per-tissue spin-echo or spoiled-GRE signal
+  (+ off-resonance phase and fat chemical-shift displacement) -> smooth background phase
+  -> loop-coil sensitivities (Biot-Savart) -> centred orthonormal 2D FFT (gadgets.fft.fftc)
+  -> undersampling along ky -> correlated complex noise (one embedded noise readout first).
+
+Arrays are [.., y, x]: rows = phase encode, columns = readout, as the reconstructed images.
+Only numpy, h5py, ismrmrd and the standard library are imported (no torch).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import h5py
+import ismrmrd
+import ismrmrd.xsd as xsd
+import numpy as np
+
+from gadgets.fft import fftc, ifftc
+
+GAMMA_HZ_PER_T = 42.577478e6
+FAT_SHIFT_PPM = -3.4
+TICK_MS = 2.5  # acquisition_time_stamp unit (ISMRMRD / Siemens)
+START_OF_SCAN_TICKS = int(10 * 3600 * 1000 / TICK_MS)  # 10:00:00, ticks since midnight
+READOUT_BW_PER_PIXEL_HZ = 390.625  # 5 us dwell at 512 oversampled samples
+CARDIAC_RR_MS = 1000.0
+GROUNDTRUTH_GROUP = "pisf_groundtruth"
+SEQUENCE_DEFAULTS = {  # (TR ms, TE ms, flip deg)
+    "se": (2000.0, 80.0, 90.0),
+    "gre": (10.0, 4.6, 15.0),
+}
+
+# Tissue table, roughly 3 T literature values: PD (relative), T1, T2, T2* (ms), fat?
+# Fat tissues get the -3.4 ppm chemical shift (phase in GRE, readout displacement in both).
+TISSUES = {
+    "fat": (0.90, 380.0, 80.0, 40.0, True),       # scalp / subcutaneous fat
+    "bone": (0.05, 1000.0, 1.0, 0.5, False),       # cortical bone: nearly no signal
+    "marrow": (0.70, 400.0, 70.0, 35.0, True),     # diploe (fatty marrow)
+    "csf": (1.00, 4000.0, 2000.0, 400.0, False),   # subarachnoid CSF, ventricles, sulci
+    "gm": (0.80, 1600.0, 95.0, 50.0, False),       # cortex
+    "wm": (0.70, 900.0, 75.0, 45.0, False),
+    "deep_gm": (0.78, 1400.0, 85.0, 40.0, False),  # caudate / thalamus
+    "lesion": (0.85, 1400.0, 180.0, 90.0, False),  # oedema-like WM lesion
+}
+TISSUE_NAMES = list(TISSUES)
+
+
+# ----------------------------------------------------------------------------------------
+# Phantom geometry
+# ----------------------------------------------------------------------------------------
+def _soft_ellipse(x, y, cx, cy, a, b, pixel, angle=0.0, radius_of_angle=None):
+    """Fraction (0..1) of each pixel inside a (possibly angularly modulated) ellipse.
+
+    Anti-aliased over about one pixel from an approximate signed distance, so edges are not
+    pure step functions (partial volume) yet stay sharp.
+    """
+    c, s = np.cos(angle), np.sin(angle)
+    xr = (x - cx) * c + (y - cy) * s
+    yr = -(x - cx) * s + (y - cy) * c
+    u, v = xr / a, yr / b
+    rho = np.sqrt(u * u + v * v)
+    theta = np.arctan2(v, u)
+    radius = 1.0 if radius_of_angle is None else radius_of_angle(theta)
+    # |grad rho| depends only on the polar angle: distance ~ (rho - r) / |grad rho|
+    grad = np.sqrt((np.cos(theta) / a) ** 2 + (np.sin(theta) / b) ** 2)
+    return np.clip(0.5 - (rho - radius) / (grad * pixel), 0.0, 1.0)
+
+
+def _soft_box(x, y, cx, cy, half_w, half_h, pixel):
+    distance = np.maximum(np.abs(x - cx) - half_w, np.abs(y - cy) - half_h)
+    return np.clip(0.5 - distance / pixel, 0.0, 1.0)
+
+
+def _paint(fractions, tissue, coverage):
+    """Composite `coverage` of `tissue` over what is there (partial volume is kept)."""
+    fractions *= 1.0 - coverage
+    fractions[TISSUE_NAMES.index(tissue)] += coverage
+
+
+class HeadPhantom:
+    """2D axial head slices of a 3D head; random details (gyri, texture, fields) from a seed.
+
+    Coordinates are normalised: 1.0 = half the recon field of view.
+    """
+
+    def __init__(self, rng: np.random.Generator):
+        self.gyri_phase = rng.uniform(0, 2 * np.pi, 4)
+        # Texture: random 3D plane waves, wavelengths ~ 4-25 % of the half-FOV (mild, smooth).
+        n_waves = 24
+        direction = rng.standard_normal((n_waves, 3))
+        direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+        wavenumber = 2 * np.pi / rng.uniform(0.04, 0.25, n_waves)
+        self.texture_k = direction * wavenumber[:, None]
+        self.texture_phase = rng.uniform(0, 2 * np.pi, n_waves)
+        self.texture_amp = rng.uniform(0.5, 1.0, n_waves) / np.sqrt(n_waves / 2)
+        # B0 inhomogeneity (Hz): low-order polynomial + susceptibility bump near frontal sinus.
+        self.b0_poly = rng.normal(0, 8.0, 6)
+        # Background phase (rad): low-order polynomial, e.g. eddy currents / transmit phase.
+        self.phase_poly = rng.normal(0, 0.6, 6)
+        self.phase_offset = rng.uniform(-np.pi, np.pi)
+
+    @staticmethod
+    def _poly2(c, x, y, z):
+        return c[0] + c[1] * x + c[2] * y + c[3] * z + c[4] * (x * x - y * y) + c[5] * x * y
+
+    def fractions(self, x, y, z, pixel, cine_angle):
+        """Tissue fractions [tissue, ny, nx] at normalised coordinates; cine_angle in rad."""
+        breathing = 0.02 * np.sin(cine_angle)           # bulk AP displacement (~2 mm)
+        pulsation = 1.0 + 0.15 * np.sin(cine_angle)     # ventricles expand / contract
+        y = y - breathing
+        # Head is an ellipsoid: cross-sections shrink away from z = -0.15
+        head_scale = np.sqrt(max(1.0 - ((z + 0.15) / 1.05) ** 2, 0.05))
+        xs, ys, px = x / head_scale, y / head_scale, pixel / head_scale
+        fr = np.zeros((len(TISSUE_NAMES),) + x.shape)
+        g = self.gyri_phase
+
+        def sulci(theta):  # narrow inward notches of the brain surface, rotating with z
+            return 1.0 - 0.06 * np.maximum(np.cos(13 * theta + g[0] + 4 * z), 0) ** 6
+
+        def gyri(theta):  # wavy grey/white boundary
+            return (1.0 + 0.07 * np.sin(9 * theta + g[1] + 3 * z)
+                    + 0.04 * np.sin(14 * theta + g[2] - 5 * z) + 0.02 * np.sin(23 * theta + g[3]))
+
+        for tissue, a, b, shape in (("fat", 0.68, 0.86, None), ("bone", 0.63, 0.81, None),
+                                    ("marrow", 0.61, 0.79, None), ("bone", 0.58, 0.76, None),
+                                    ("csf", 0.56, 0.74, None), ("gm", 0.535, 0.715, sulci),
+                                    ("wm", 0.44, 0.61, gyri)):
+            _paint(fr, tissue, _soft_ellipse(xs, ys, 0, 0, a, b, px, radius_of_angle=shape))
+        # Interhemispheric fissure, interrupted by the corpus callosum
+        for cy, h in ((-0.47, 0.26), (0.49, 0.24)):
+            _paint(fr, "csf", _soft_box(xs, ys, 0, cy, 0.008, h, px) * fr[TISSUE_NAMES.index("gm")]
+                   + _soft_box(xs, ys, 0, cy, 0.008, h, px) * fr[TISSUE_NAMES.index("wm")])
+        # Deep grey matter: present in the lower half of the stack
+        deep = np.sqrt(max(1.0 - ((z + 0.05) / 0.2) ** 2, 0.0))
+        if deep > 0:
+            for side in (-1, 1):
+                _paint(fr, "deep_gm", _soft_ellipse(xs, ys, side * 0.11, 0.02, 0.07 * deep, 0.11 * deep, px))
+                _paint(fr, "deep_gm", _soft_ellipse(xs, ys, side * 0.10, 0.22, 0.09 * deep, 0.10 * deep, px))
+        # Lateral ventricles (butterfly), vanish ~28 mm from the centre of the stack
+        vent = np.sqrt(max(1.0 - (z / 0.26) ** 2, 0.0)) * pulsation
+        if vent > 0:
+            for side in (-1, 1):
+                _paint(fr, "csf", _soft_ellipse(xs, ys, side * 0.07, -0.02, 0.045 * vent, 0.24 * vent,
+                                                px, angle=side * 0.25))
+        # Lesions: spheres seen only in some slices
+        for cx, cy, cz, r in ((0.25, -0.25, 0.05, 0.09), (-0.3, 0.3, -0.12, 0.05)):
+            r_slice = np.sqrt(max(r * r - (z - cz) ** 2, 0.0))
+            if r_slice > 0:
+                _paint(fr, "lesion", _soft_ellipse(xs, ys, cx, cy, r_slice, r_slice, px))
+        return fr
+
+    def texture(self, x, y, z, cine_angle):
+        """Smooth multiplicative texture (unit-ish rms), moving with the anatomy."""
+        y = y - 0.02 * np.sin(cine_angle)
+        k = self.texture_k
+        arg = (k[:, 0, None, None] * x + k[:, 1, None, None] * y + k[:, 2, None, None] * z
+               + self.texture_phase[:, None, None])
+        return np.tensordot(self.texture_amp, np.cos(arg), axes=1)
+
+    def b0_hz(self, x, y, z):
+        sinus = -60.0 * np.exp(-(x ** 2 + (y + 0.8) ** 2) / (2 * 0.15 ** 2) - ((z + 0.3) / 0.2) ** 2)
+        return self._poly2(self.b0_poly, x, y, z) + sinus
+
+    def background_phase(self, x, y, z):
+        return self.phase_offset + self._poly2(self.phase_poly, x, y, z)
+
+
+# ----------------------------------------------------------------------------------------
+# Signal, coils, noise
+# ----------------------------------------------------------------------------------------
+def tissue_magnitudes(sequence, tr_ms, te_ms, flip_deg):
+    """Steady-state magnitude per tissue; T2 for spin echo, T2* for gradient echo."""
+    flip = np.deg2rad(flip_deg)
+    out = {}
+    for name, (pd, t1, t2, t2s, _) in TISSUES.items():
+        e1 = np.exp(-tr_ms / t1)
+        if sequence == "se":
+            out[name] = pd * (1 - e1) * np.exp(-te_ms / t2)
+        else:
+            out[name] = pd * np.sin(flip) * (1 - e1) / (1 - np.cos(flip) * e1) * np.exp(-te_ms / t2s)
+    return out
+
+
+def _linear_interpolation_matrix(fine, coarse):
+    idx = np.clip(np.searchsorted(coarse, fine) - 1, 0, len(coarse) - 2)
+    w = (fine - coarse[idx]) / (coarse[idx + 1] - coarse[idx])
+    matrix = np.zeros((len(fine), len(coarse)))
+    rows = np.arange(len(fine))
+    matrix[rows, idx] = 1 - w
+    matrix[rows, idx + 1] = w
+    return matrix
+
+
+def loop_coil_array(coils, fov_mm, rng):
+    """Loops on an ellipse 15 mm outside the scalp, in planes tangent to it, centred at z = 0."""
+    half = fov_mm / 2
+    ax, ay = 0.68 * half + 15.0, 0.86 * half + 15.0
+    angle = 2 * np.pi * (np.arange(coils) + 0.5) / coils
+    centres = np.stack([ax * np.cos(angle), ay * np.sin(angle), np.zeros(coils)], axis=1)
+    normals = np.stack([np.cos(angle) / ax, np.sin(angle) / ay, np.zeros(coils)], axis=1)
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    perimeter = np.pi * (3 * (ax + ay) - np.sqrt((3 * ax + ay) * (ax + 3 * ay)))  # Ramanujan
+    # Neighbours overlap slightly (as in real arrays); one coil gets a large loop.
+    radius = float(np.clip(0.55 * perimeter / coils, 10.0, 0.3 * fov_mm))
+    receiver_phase = rng.uniform(-np.pi, np.pi, coils)
+    return centres, normals, radius, receiver_phase
+
+
+def coil_sensitivities(x_mm, y_mm, z_mm, array, segments=48, wire_mm=3.0):
+    """Complex receive sensitivities [coil, ny, nx] from Biot-Savart of each loop.
+
+    Reciprocity: sensitivity ~ (Bx - i By)^* of the field per unit current. Evaluated on a
+    grid 4x coarser (the field is smooth) and linearly interpolated; `wire_mm` regularises
+    the 1/r^2 singularity near the conductor (a wire of finite thickness).
+    """
+    centres, normals, radius, receiver_phase = array
+    xc = np.linspace(x_mm[0], x_mm[-1], max(len(x_mm) // 4, 8))
+    yc = np.linspace(y_mm[0], y_mm[-1], max(len(y_mm) // 4, 8))
+    gx, gy = np.meshgrid(xc, yc)
+    points = np.stack([gx.ravel(), gy.ravel(), np.full(gx.size, z_mm)], axis=1)
+    phi = (np.arange(segments) + 0.5) * 2 * np.pi / segments
+    zhat = np.array([0.0, 0.0, 1.0])
+    wx = _linear_interpolation_matrix(x_mm, xc)
+    wy = _linear_interpolation_matrix(y_mm, yc)
+    sens = np.empty((len(centres), len(y_mm), len(x_mm)), complex)
+    for c, (centre, normal) in enumerate(zip(centres, normals)):
+        tangent = np.cross(zhat, normal)
+        wire = centre + radius * (np.cos(phi)[:, None] * tangent + np.sin(phi)[:, None] * zhat)
+        dl = radius * (2 * np.pi / segments) * (-np.sin(phi)[:, None] * tangent + np.cos(phi)[:, None] * zhat)
+        r = points[:, None, :] - wire[None]
+        weight = (np.sum(r * r, axis=-1) + wire_mm ** 2) ** -1.5
+        field = np.einsum("ps,psk->pk", weight, np.cross(dl[None], r))
+        coarse = (field[:, 0] + 1j * field[:, 1]).reshape(gx.shape)  # (Bx - i By)^*
+        sens[c] = wy @ coarse @ wx.T * np.exp(1j * receiver_phase[c])
+    return sens
+
+
+def noise_covariance(coils, noise_std, rng):
+    """Hermitian positive-definite coil noise covariance.
+
+    Unequal coil noise levels (rms = noise_std); neighbours on the ring correlate 0.1-0.3,
+    next neighbours 0.02-0.08, with small complex phases.
+    """
+    levels = np.exp(0.25 * rng.standard_normal(coils))
+    levels *= noise_std / np.sqrt(np.mean(levels ** 2))
+    i, j = np.meshgrid(np.arange(coils), np.arange(coils), indexing="ij")
+    ring = np.minimum(np.abs(i - j), coils - np.abs(i - j))
+    magnitude = np.where(ring == 1, rng.uniform(0.1, 0.3, (coils, coils)),
+                         np.where(ring == 2, rng.uniform(0.02, 0.08, (coils, coils)), 0.0))
+    corr = np.triu(magnitude * np.exp(1j * rng.uniform(-0.3, 0.3, (coils, coils))), 1)
+    corr = corr + corr.conj().T
+    while coils > 1 and np.linalg.eigvalsh(np.eye(coils) + corr).min() < 0.3:
+        corr *= 0.8  # keep it well conditioned (only matters for tiny rings)
+    return (levels[:, None] * (np.eye(coils) + corr) * levels[None, :]).astype(complex)
+
+
+def correlated_noise(covariance, shape, rng):
+    """Complex Gaussian noise [coil, *shape] with E[n n^H] = covariance."""
+    coils = covariance.shape[0]
+    white = (rng.standard_normal((coils,) + tuple(shape))
+             + 1j * rng.standard_normal((coils,) + tuple(shape))) / np.sqrt(2)
+    if not np.any(covariance):
+        return np.zeros_like(white)
+    chol = np.linalg.cholesky(covariance)
+    return np.tensordot(chol, white, axes=1)
+
+
+# ----------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------
+def sampling_lines(ny, accel, acs, mask_type, partial_fourier, rng):
+    """(pattern, acs) boolean masks over ky.
+
+    pattern: the undersampling pattern, restricted to ky <= ky_max (partial Fourier);
+    equispaced = every R-th line through the centre, random = same count, uniform.
+    acs: `acs` contiguous centre lines starting at ny//2 - acs//2.
+    """
+    centre = ny // 2
+    ky_max = partial_fourier_max(ny, partial_fourier)
+    candidates = np.arange(ky_max + 1)
+    equispaced = candidates[(candidates - centre) % accel == 0]
+    pattern = np.zeros(ny, bool)
+    if mask_type == "equispaced":
+        pattern[equispaced] = True
+    else:
+        pattern[rng.choice(candidates, size=len(equispaced), replace=False)] = True
+    acs_mask = np.zeros(ny, bool)
+    first = max(centre - acs // 2, 0)
+    acs_mask[first:min(first + acs, ny)] = True
+    return pattern, acs_mask
+
+
+def partial_fourier_max(ny, partial_fourier):
+    """Highest ky acquired: lines 0 .. ceil(f*ny)-1."""
+    return min(int(np.ceil(partial_fourier * ny - 1e-9)), ny) - 1
+
+
+# ----------------------------------------------------------------------------------------
+# Header
+# ----------------------------------------------------------------------------------------
+def build_header(*, matrix, oversampling, fov_mm, thickness_mm, coils, slices, phases, accel,
+                 ky_max, sequence, tr_ms, te_ms, flip_deg, field_t, seed):
+    nx_enc = matrix * oversampling
+
+    def limit(minimum, maximum, center):
+        return xsd.limitType(minimum=minimum, maximum=maximum, center=center)
+
+    encoding = xsd.encodingType(
+        trajectory=xsd.trajectoryType.CARTESIAN,
+        encodedSpace=xsd.encodingSpaceType(
+            matrixSize=xsd.matrixSizeType(x=nx_enc, y=matrix, z=1),
+            fieldOfView_mm=xsd.fieldOfViewMm(x=fov_mm * oversampling, y=fov_mm, z=thickness_mm)),
+        reconSpace=xsd.encodingSpaceType(
+            matrixSize=xsd.matrixSizeType(x=matrix, y=matrix, z=1),
+            fieldOfView_mm=xsd.fieldOfViewMm(x=fov_mm, y=fov_mm, z=thickness_mm)),
+        encodingLimits=xsd.encodingLimitsType(
+            kspace_encoding_step_0=limit(0, nx_enc - 1, nx_enc // 2),
+            kspace_encoding_step_1=limit(0, ky_max, matrix // 2),
+            kspace_encoding_step_2=limit(0, 0, 0),
+            average=limit(0, 0, 0), slice=limit(0, slices - 1, 0), contrast=limit(0, 0, 0),
+            phase=limit(0, phases - 1, 0), repetition=limit(0, 0, 0), set=limit(0, 0, 0),
+            segment=limit(0, 0, 0)),
+        parallelImaging=xsd.parallelImagingType(
+            accelerationFactor=xsd.accelerationFactorType(kspace_encoding_step_1=accel,
+                                                          kspace_encoding_step_2=1),
+            calibrationMode=xsd.calibrationModeType.EMBEDDED),
+    )
+    return xsd.ismrmrdHeader(
+        version=1,
+        measurementInformation=xsd.measurementInformationType(
+            measurementID=f"PISF_SIM_{seed}", patientPosition=xsd.patientPositionType.HFS,
+            protocolName=f"pisf_sim_{sequence}"),
+        acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
+            systemVendor="PISF", systemModel="simulator", systemFieldStrength_T=field_t,
+            relativeReceiverNoiseBandwidth=1.0,  # simulated noise is white over the band
+            receiverChannels=coils),
+        experimentalConditions=xsd.experimentalConditionsType(
+            H1resonanceFrequency_Hz=int(round(GAMMA_HZ_PER_T * field_t))),
+        encoding=[encoding],
+        sequenceParameters=xsd.sequenceParametersType(
+            TR=[tr_ms], TE=[te_ms], flipAngle_deg=[flip_deg],
+            sequence_type="SpinEcho" if sequence == "se" else "GradientEcho"),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Main entry
+# ----------------------------------------------------------------------------------------
+def simulate(out_path, *, matrix=256, coils=8, accel=4, acs=24, mask="equispaced", slices=1,
+             phases=1, oversampling=2, noise=0.02, partial_fourier=1.0, sequence="se", tr=None,
+             te=None, flip=None, seed=0, fov=220.0, slice_thickness=5.0, slice_gap=1.0,
+             field_strength=3.0, store_sensitivities=False, verbose=False) -> dict:
+    """Simulate and write an ISMRMRD raw file; return what was written (incl. ground truth).
+
+    `noise` is the noise std per coil sample (k-space = image space, orthonormal FFT) relative
+    to the brightest tissue (~1). With noise 0 no noise readout is written (a zero covariance
+    cannot prewhiten). Acquisition order: noise readout, then slice (outer) / cine phase /
+    ky ascending; one line per TR.
+    """
+    t_start = time.perf_counter()
+    sequence = sequence.lower()
+    if sequence not in SEQUENCE_DEFAULTS:
+        raise ValueError(f"sequence must be one of {sorted(SEQUENCE_DEFAULTS)}")
+    if mask not in ("equispaced", "random"):
+        raise ValueError("mask must be 'equispaced' or 'random'")
+    tr_default, te_default, flip_default = SEQUENCE_DEFAULTS[sequence]
+    tr = float(tr_default if tr is None else tr)
+    te = float(te_default if te is None else te)
+    flip = float(flip_default if flip is None else flip)
+    matrix, coils, accel, acs = int(matrix), int(coils), int(accel), int(acs)
+    slices, phases, oversampling = int(slices), int(phases), int(oversampling)
+    if matrix < 16 or matrix % 2:
+        raise ValueError("matrix must be even and >= 16")
+    if min(coils, accel, slices, phases, oversampling) < 1 or acs < 0 or noise < 0:
+        raise ValueError("coils, accel, slices, phases, oversampling >= 1; acs, noise >= 0")
+    if not 0.5 <= partial_fourier <= 1.0:
+        raise ValueError("partial Fourier fraction must be in [0.5, 1]")
+    ny, nx, nx_enc = matrix, matrix, matrix * oversampling
+    ky_max = partial_fourier_max(ny, partial_fourier)
+    acs = min(acs, ny)
+    if acs and ny // 2 - acs // 2 + acs - 1 > ky_max:
+        raise ValueError("partial Fourier would cut the ACS block: raise --partial-fourier")
+
+    # Independent random streams, so e.g. the noise level does not change the anatomy or mask.
+    seeds = np.random.SeedSequence(seed).spawn(4)
+    rng_anatomy, rng_coils, rng_noise, rng_mask = (np.random.default_rng(s) for s in seeds)
+    phantom = HeadPhantom(rng_anatomy)
+    coil_array = loop_coil_array(coils, fov, rng_coils)
+    covariance = noise_covariance(coils, noise, rng_coils)
+
+    pixel_mm = fov / matrix
+    half_fov = fov / 2
+    x_enc_mm = (np.arange(nx_enc) - nx_enc // 2) * pixel_mm   # index N//2 is the centre (fftc)
+    y_mm = (np.arange(ny) - ny // 2) * pixel_mm
+    crop = slice(nx_enc // 2 - nx // 2, nx_enc // 2 - nx // 2 + nx)
+    xn, yn = np.meshgrid(x_enc_mm[crop] / half_fov, y_mm / half_fov)  # object lives in recon FOV
+    slice_spacing = slice_thickness + slice_gap
+    slice_z_mm = (np.arange(slices) - (slices - 1) / 2) * slice_spacing
+
+    magnitudes = tissue_magnitudes(sequence, tr, te, flip)
+    signal_scale = 1.0 / max(magnitudes.values())            # brightest tissue -> 1
+    fat_hz = FAT_SHIFT_PPM * 1e-6 * GAMMA_HZ_PER_T * field_strength
+    fat_shift_px = fat_hz / READOUT_BW_PER_PIXEL_HZ          # chemical-shift displacement on x
+    kx = np.arange(nx_enc) - nx_enc // 2
+    fat_shift_ramp = np.exp(-2j * np.pi * kx * fat_shift_px / nx_enc)
+    is_fat = np.array([TISSUES[t][4] for t in TISSUE_NAMES])
+    tissue_signal = np.array([magnitudes[t] for t in TISSUE_NAMES]) * signal_scale
+    sample_time_us = 1e6 / (READOUT_BW_PER_PIXEL_HZ * nx_enc)
+
+    rss = np.zeros((slices, phases, ny, nx), np.float32)
+    combined = np.zeros((slices, phases, ny, nx), np.complex64)
+    sampled = np.zeros((slices, phases, ny), np.uint8)
+    sensitivities = np.zeros((slices, coils, ny, nx), np.complex64)
+    lines_per_image = np.zeros((slices, phases), int)
+
+    if os.path.exists(out_path):
+        os.remove(out_path)  # Dataset opens in append mode: start from an empty file
+    header = build_header(matrix=matrix, oversampling=oversampling, fov_mm=fov,
+                          thickness_mm=slice_thickness, coils=coils, slices=slices, phases=phases,
+                          accel=accel, ky_max=ky_max, sequence=sequence, tr_ms=tr, te_ms=te,
+                          flip_deg=flip, field_t=field_strength, seed=seed)
+    header_xml = xsd.ToXML(header)
+    template = ismrmrd.AcquisitionHeader()
+    template.version = 1
+    template.measurement_uid = seed & 0xFFFFFFFF
+    template.number_of_samples = nx_enc
+    template.available_channels = coils
+    template.active_channels = coils
+    template.center_sample = nx_enc // 2
+    template.sample_time_us = sample_time_us
+    for c in range(coils):
+        template.channel_mask[c // 64] |= 1 << (c % 64)
+    template.read_dir[:] = (1.0, 0.0, 0.0)
+    template.phase_dir[:] = (0.0, 1.0, 0.0)
+    template.slice_dir[:] = (0.0, 0.0, 1.0)
+    counter = 0  # scans so far; time stamps advance one TR per readout
+
+    def make_acquisition(data, flags, **idx):
+        nonlocal counter
+        head = ismrmrd.AcquisitionHeader.from_buffer_copy(template)
+        counter += 1
+        head.scan_counter = counter
+        head.acquisition_time_stamp = START_OF_SCAN_TICKS + int(round((counter - 1) * tr / TICK_MS))
+        for flag in flags:
+            head.flags |= 1 << (flag - 1)
+        for name, value in idx.items():
+            setattr(head.idx, name, value)
+        acq = ismrmrd.Acquisition(head)
+        acq.data[:] = data
+        return acq
+
+    with ismrmrd.Dataset(out_path, "dataset", create_if_needed=True) as dataset:
+        dataset.write_xml_header(header_xml)
+        if noise > 0:
+            noise_scan = correlated_noise(covariance, (nx_enc,), rng_noise)
+            dataset.append_acquisition(make_acquisition(noise_scan, [ismrmrd.ACQ_IS_NOISE_MEASUREMENT]))
+        for s, z_mm in enumerate(slice_z_mm):
+            zn = z_mm / half_fov
+            sens = coil_sensitivities(x_enc_mm, y_mm, z_mm, coil_array)
+            b0 = phantom.b0_hz(xn, yn, zn)
+            background = np.exp(1j * phantom.background_phase(xn, yn, zn))
+            for p in range(phases):
+                cine_angle = 2 * np.pi * p / phases
+                fractions = phantom.fractions(xn, yn, zn, 2 * pixel_mm / fov, cine_angle)
+                amplitude = 1.0 + 0.06 * phantom.texture(xn, yn, zn, cine_angle)
+                water = np.tensordot(tissue_signal * ~is_fat, fractions, axes=1) * amplitude
+                fat = np.tensordot(tissue_signal * is_fat, fractions, axes=1) * amplitude
+                if sequence == "gre":  # off-resonance phase at TE (spin echo refocuses it)
+                    water = water * np.exp(2j * np.pi * b0 * te * 1e-3)
+                    fat = fat * np.exp(2j * np.pi * (b0 + fat_hz) * te * 1e-3)
+                water_enc = np.zeros((ny, nx_enc), complex)
+                fat_enc = np.zeros((ny, nx_enc), complex)
+                water_enc[:, crop] = water * background
+                fat_enc[:, crop] = fat * background
+                # Fat is encoded at a displaced readout position (chemical-shift artefact)
+                obj = water_enc + ifftc(fftc(fat_enc, axes=(-1,)) * fat_shift_ramp, axes=(-1,))
+                if p == 0:  # RSS of the coils ~1 (median) inside this slice's head
+                    support = fractions.sum(axis=0) > 0.5
+                    rss_coils = np.sqrt(np.sum(np.abs(sens[:, :, crop]) ** 2, axis=0))
+                    sens /= np.median(rss_coils[support])
+                    sensitivities[s] = sens[:, :, crop]
+                coil_images = sens * obj
+                kspace = fftc(coil_images, axes=(-2, -1))
+                rss[s, p] = np.sqrt(np.sum(np.abs(coil_images[:, :, crop]) ** 2, axis=0))
+                combined[s, p] = obj[:, crop]
+
+                pattern, acs_mask = sampling_lines(ny, accel, acs, mask, partial_fourier, rng_mask)
+                acquired = np.flatnonzero(pattern | acs_mask)
+                sampled[s, p, acquired] = 1
+                lines_per_image[s, p] = len(acquired)
+                lines = kspace[:, acquired, :] + correlated_noise(covariance, (len(acquired), nx_enc), rng_noise)
+                lines = lines.astype(np.complex64)
+                for n, ky in enumerate(acquired):
+                    flags = []
+                    if acs_mask[ky]:
+                        flags.append(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING if pattern[ky]
+                                     else ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+                    if n == 0:
+                        flags.append(ismrmrd.ACQ_FIRST_IN_SLICE)
+                    if n == len(acquired) - 1:
+                        flags.append(ismrmrd.ACQ_LAST_IN_SLICE)
+                        if s == slices - 1 and p == phases - 1:
+                            flags.append(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
+                    acq = make_acquisition(lines[:, n, :], flags, kspace_encode_step_1=int(ky),
+                                           slice=s, phase=p)
+                    acq.position[:] = (0.0, 0.0, float(z_mm))
+                    acq.physiology_time_stamp[0] = int(round(p * CARDIAC_RR_MS / phases / TICK_MS))
+                    dataset.append_acquisition(acq)
+
+    with h5py.File(out_path, "a") as f:
+        gt = f.create_group(GROUNDTRUTH_GROUP)
+        gt.create_dataset("rss", data=rss)
+        gt.create_dataset("combined", data=combined)
+        gt.create_dataset("mask", data=sampled)
+        gt.create_dataset("noise_covariance", data=covariance.astype(np.complex64))
+        gt.create_dataset("slice_position_mm", data=slice_z_mm)
+        if store_sensitivities:
+            gt.create_dataset("sensitivities", data=sensitivities)
+        gt.attrs["layout"] = ("rss, combined: [slice, phase, y=phase encode, x=readout] at the recon "
+                              "matrix; mask: [slice, phase, ky] 1 = acquired (pattern or ACS)")
+        for key, value in dict(matrix=matrix, coils=coils, accel=accel, acs=acs, mask_type=mask,
+                               oversampling=oversampling, noise=noise, partial_fourier=partial_fourier,
+                               ky_max=ky_max, sequence=sequence, tr_ms=tr, te_ms=te, flip_deg=flip,
+                               seed=seed, fov_mm=fov, slice_thickness_mm=slice_thickness,
+                               slice_gap_mm=slice_gap, field_strength_t=field_strength).items():
+            gt.attrs[key] = value
+
+    acquisitions = counter
+    result = dict(
+        path=str(out_path), header_xml=header_xml, rss=rss, combined=combined, mask=sampled,
+        noise_covariance=covariance, sensitivities=sensitivities, slice_position_mm=slice_z_mm,
+        acquisitions=acquisitions, noise_acquisitions=int(noise > 0), lines_per_image=lines_per_image,
+        effective_acceleration=float(ny / lines_per_image.mean()),
+        file_size_bytes=os.path.getsize(out_path), seconds=time.perf_counter() - t_start)
+    if verbose:
+        print(f"wrote {out_path}: {acquisitions} acquisitions ({result['noise_acquisitions']} noise), "
+              f"{slices} slice(s) x {phases} phase(s), {lines_per_image.mean():.1f} of {ny} lines per "
+              f"image (R_eff {result['effective_acceleration']:.2f}), {coils} coils, "
+              f"{nx_enc} samples, {result['file_size_bytes'] / 2 ** 20:.1f} MiB, "
+              f"{result['seconds']:.1f} s")
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output ISMRMRD raw file (.h5), overwritten")
+    parser.add_argument("--matrix", type=int, default=256, help="recon matrix (square)")
+    parser.add_argument("--coils", type=int, default=8)
+    parser.add_argument("--accel", type=int, default=4, help="undersampling factor R along ky")
+    parser.add_argument("--acs", type=int, default=24, help="fully sampled centre lines")
+    parser.add_argument("--mask", choices=("equispaced", "random"), default="equispaced")
+    parser.add_argument("--slices", type=int, default=1)
+    parser.add_argument("--phases", type=int, default=1, help="cine phases (>1 adds motion)")
+    parser.add_argument("--oversampling", type=int, default=2, help="readout oversampling factor")
+    parser.add_argument("--noise", type=float, default=0.02,
+                        help="noise std per coil sample relative to the brightest tissue")
+    parser.add_argument("--partial-fourier", type=float, default=1.0,
+                        help="fraction of ky acquired from ky=0 (0.5..1)")
+    parser.add_argument("--sequence", choices=tuple(SEQUENCE_DEFAULTS), default="se")
+    parser.add_argument("--tr", type=float, default=None, help="ms (se 2000, gre 10)")
+    parser.add_argument("--te", type=float, default=None, help="ms (se 80, gre 4.6)")
+    parser.add_argument("--flip", type=float, default=None, help="deg (se 90, gre 15)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fov", type=float, default=220.0, help="recon field of view, mm")
+    parser.add_argument("--slice-thickness", type=float, default=5.0, help="mm")
+    parser.add_argument("--slice-gap", type=float, default=1.0, help="mm")
+    parser.add_argument("--field-strength", type=float, default=3.0, help="T")
+    parser.add_argument("--store-sensitivities", action="store_true",
+                        help="also store the coil sensitivities in the ground-truth group")
+
+
+def run(args: argparse.Namespace) -> int:
+    simulate(args.out, matrix=args.matrix, coils=args.coils, accel=args.accel, acs=args.acs,
+             mask=args.mask, slices=args.slices, phases=args.phases, oversampling=args.oversampling,
+             noise=args.noise, partial_fourier=args.partial_fourier, sequence=args.sequence,
+             tr=args.tr, te=args.te, flip=args.flip, seed=args.seed, fov=args.fov,
+             slice_thickness=args.slice_thickness, slice_gap=args.slice_gap,
+             field_strength=args.field_strength, store_sensitivities=args.store_sensitivities,
+             verbose=True)
+    return 0
