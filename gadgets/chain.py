@@ -83,11 +83,12 @@ def run_stages(stages: list, items: Iterable) -> Iterator:
     return stream
 
 
-def parse_chain_text(text: str, origin: str) -> ChainSpec:
-    """A chain from YAML text, or from a Gadgetron XML chain that executes one of our targets."""
+def parse_chain_text(text: str, origin: str, repository: "ChainRepository | None" = None) -> ChainSpec:
+    """A chain from YAML text, or from a Gadgetron XML chain that executes one of our targets
+    (whose chain is then looked up in `repository`)."""
     stripped = text.strip().rstrip("\0")
     if stripped.startswith("<"):
-        return _chain_from_gadgetron_xml(stripped, origin)
+        return _chain_from_gadgetron_xml(stripped, origin, repository or ChainRepository.shared())
     try:
         mapping = yaml.safe_load(stripped)
     except yaml.YAMLError as exc:
@@ -105,15 +106,55 @@ def safe_xml(text: str, origin: str) -> ElementTree.Element:
         raise ConfigError(f"{origin}: XML does not parse: {exc}") from None
 
 
-def _chain_from_gadgetron_xml(text: str, origin: str) -> ChainSpec:
-    """Gadgetron XML naming `<execute name="gadgets.external" target="CHAIN" .../>` runs CHAIN."""
-    root = safe_xml(text, origin)
-    for execute in root.iter():
-        if execute.tag.split("}")[-1] != "execute":
+def configuration_properties(config) -> dict[str, str]:
+    """`<property name=.. value=..>` elements under a Gadgetron `<configuration>` (ElementTree)."""
+    if config is None:
+        return {}
+    properties = {}
+    for element in config.iter():
+        if element.tag.split("}")[-1] == "property" and element.get("name"):
+            properties[element.get("name")] = element.get("value", element.text or "")
+    return properties
+
+
+def _coerce(value: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
+def apply_overrides(spec: ChainSpec, properties: dict[str, str]) -> None:
+    """Properties named `gadget.parameter` override that stage's parameter (typed as in YAML)."""
+    for key, value in properties.items():
+        if "." not in key:
             continue
-        if execute.get("name", "").startswith("gadgets."):
-            target = execute.get("target", "")
-            return ChainRepository.shared().load(target)
+        gadget, parameter = key.split(".", 1)
+        for name, parameters in spec.stages:
+            if name == gadget:
+                parameters[parameter] = _coerce(value)
+
+
+def _chain_from_gadgetron_xml(text: str, origin: str, repository: "ChainRepository") -> ChainSpec:
+    """A Gadgetron chain whose `<external>` executes one of our targets runs that chain here.
+
+    Target `zerofill`/`pisf` name the chain; target `chain` takes it from the `chain` property.
+    """
+    root = safe_xml(text, origin)
+    for external in root.iter():
+        if external.tag.split("}")[-1] != "external":
+            continue
+        execute = next((e for e in external.iter() if e.tag.split("}")[-1] == "execute"), None)
+        if execute is None or not execute.get("name", "").startswith("gadgets."):
+            continue
+        configuration = next((e for e in external.iter() if e.tag.split("}")[-1] == "configuration"), None)
+        properties = configuration_properties(configuration)
+        target = execute.get("target", "")
+        spec = repository.load(properties.get("chain", target) if target == "chain" else target)
+        apply_overrides(spec, properties)
+        return spec
     raise ConfigError(f"{origin}: this Gadgetron XML chain runs none of our targets "
                       f"(expected <execute name=\"gadgets.external\" target=\"CHAIN\" type=\"python\"/>)")
 
@@ -150,7 +191,7 @@ class ChainRepository:
             if resolved.parent != self.directory or not resolved.is_file():
                 continue  # symlinks out of the directory are ignored
             text = resolved.read_text(encoding="utf-8")
-            spec = parse_chain_text(text, origin=candidate.name)
+            spec = parse_chain_text(text, origin=candidate.name, repository=self)
             if candidate.suffix == ".yaml":
                 spec.name = stem
             return spec

@@ -217,7 +217,7 @@ class ReconServer:
                 raise InputError(f"expected the ISMRMRD header (message id 3) after the config, "
                                  f"got {type(header_message).__name__}")
             spec = (self.repository.load(config.name) if isinstance(config, protocol.ConfigName)
-                    else parse_chain_text(config.text, origin="CONFIG_TEXT"))
+                    else parse_chain_text(config.text, origin="CONFIG_TEXT", repository=self.repository))
             header = parse_header(header_message.text)
             context = StreamContext(header=header, log=logging.getLogger(f"pisf.{sender.name}"))
             validator = AcquisitionValidator.for_header(header)

@@ -16,6 +16,9 @@ SUBCOMMANDS = {
     "replay": ("gadgets.client", "stream an ISMRMRD raw file to a server and collect the images"),
     "simulate": ("tools.simulate", "write a physics-informed simulated ISMRMRD raw dataset"),
     "demo": ("tools.demo", "main job: serve + simulate + replay + quality against ground truth"),
+    "train": ("tools.train", "train the PISF network on on-the-fly synthetic data"),
+    "export": ("tools.export", "export a PISF checkpoint to ONNX (with a parity check)"),
+    "evaluate": ("tools.evaluate", "PISF vs zero-filled vs BART l1-ESPIRiT on the real data"),
 }
 
 

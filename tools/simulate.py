@@ -110,11 +110,14 @@ class HeadPhantom:
     def _poly2(c, x, y, z):
         return c[0] + c[1] * x + c[2] * y + c[3] * z + c[4] * (x * x - y * y) + c[5] * x * y
 
-    def fractions(self, x, y, z, pixel, cine_angle):
-        """Tissue fractions [tissue, ny, nx] at normalised coordinates; cine_angle in rad."""
-        breathing = 0.02 * np.sin(cine_angle)           # bulk AP displacement (~2 mm)
-        pulsation = 1.0 + 0.15 * np.sin(cine_angle)     # ventricles expand / contract
-        y = y - breathing
+    def fractions(self, x, y, z, pixel, motion):
+        """Tissue fractions [tissue, ny, nx] at normalised coordinates.
+
+        motion in [0, 1]: cine cycle state (0 = rest): bulk AP displacement up to ~2 mm
+        (breathing-like) and ventricles expanding by up to 15 % (pulsation).
+        """
+        pulsation = 1.0 + 0.15 * motion
+        y = y - 0.02 * motion
         # Head is an ellipsoid: cross-sections shrink away from z = -0.15
         head_scale = np.sqrt(max(1.0 - ((z + 0.15) / 1.05) ** 2, 0.05))
         xs, ys, px = x / head_scale, y / head_scale, pixel / head_scale
@@ -156,9 +159,9 @@ class HeadPhantom:
                 _paint(fr, "lesion", _soft_ellipse(xs, ys, cx, cy, r_slice, r_slice, px))
         return fr
 
-    def texture(self, x, y, z, cine_angle):
+    def texture(self, x, y, z, motion):
         """Smooth multiplicative texture (unit-ish rms), moving with the anatomy."""
-        y = y - 0.02 * np.sin(cine_angle)
+        y = y - 0.02 * motion
         k = self.texture_k
         arg = (k[:, 0, None, None] * x + k[:, 1, None, None] * y + k[:, 2, None, None] * z
                + self.texture_phase[:, None, None])
@@ -234,9 +237,11 @@ def coil_sensitivities(x_mm, y_mm, z_mm, array, segments=48, wire_mm=3.0):
         tangent = np.cross(zhat, normal)
         wire = centre + radius * (np.cos(phi)[:, None] * tangent + np.sin(phi)[:, None] * zhat)
         dl = radius * (2 * np.pi / segments) * (-np.sin(phi)[:, None] * tangent + np.cos(phi)[:, None] * zhat)
-        r = points[:, None, :] - wire[None]
-        weight = (np.sum(r * r, axis=-1) + wire_mm ** 2) ** -1.5
-        field = np.einsum("ps,psk->pk", weight, np.cross(dl[None], r))
+        # B(p) = sum_s w_ps dl_s x (p - wire_s) = (W dl) x p - W (dl x wire): two matrix products
+        distance2 = (np.sum(points ** 2, axis=1)[:, None] + np.sum(wire ** 2, axis=1)[None]
+                     - 2 * points @ wire.T)
+        weight = (np.maximum(distance2, 0) + wire_mm ** 2) ** -1.5
+        field = np.cross(weight @ dl, points) - weight @ np.cross(dl, wire)
         coarse = (field[:, 0] + 1j * field[:, 1]).reshape(gx.shape)  # (Bx - i By)^*
         sens[c] = wy @ coarse @ wx.T * np.exp(1j * receiver_phase[c])
     return sens
@@ -467,9 +472,9 @@ def simulate(out_path, *, matrix=256, coils=8, accel=4, acs=24, mask="equispaced
             b0 = phantom.b0_hz(xn, yn, zn)
             background = np.exp(1j * phantom.background_phase(xn, yn, zn))
             for p in range(phases):
-                cine_angle = 2 * np.pi * p / phases
-                fractions = phantom.fractions(xn, yn, zn, 2 * pixel_mm / fov, cine_angle)
-                amplitude = 1.0 + 0.06 * phantom.texture(xn, yn, zn, cine_angle)
+                motion = 0.5 * (1 - np.cos(2 * np.pi * p / phases))  # 0 at phase 0, 1 mid-cycle
+                fractions = phantom.fractions(xn, yn, zn, pixel_mm / half_fov, motion)
+                amplitude = 1.0 + 0.06 * phantom.texture(xn, yn, zn, motion)
                 water = np.tensordot(tissue_signal * ~is_fat, fractions, axes=1) * amplitude
                 fat = np.tensordot(tissue_signal * is_fat, fractions, axes=1) * amplitude
                 if sequence == "gre":  # off-resonance phase at TE (spin echo refocuses it)
