@@ -174,7 +174,16 @@ class ChainRepository:
         return cls._shared
 
     def names(self) -> list[str]:
-        return sorted({p.stem for p in self.directory.glob("*.yaml")})
+        """Chains offered here: the YAML files that describe stages (training configs live alongside)."""
+        names = []
+        for path in sorted(self.directory.glob("*.yaml")):
+            try:
+                mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError):
+                continue
+            if isinstance(mapping, dict) and "stages" in mapping:
+                names.append(path.stem)
+        return names
 
     def load(self, name: str) -> ChainSpec:
         name = name.strip().rstrip("\0")

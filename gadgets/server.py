@@ -28,6 +28,11 @@ from .validate import AcquisitionValidator
 
 log = logging.getLogger("pisf.server")
 _END = object()
+_ABORT = object()  # the input broke off (error or lost client): open slices are dropped, not flushed
+
+
+class _StreamAborted(Exception):
+    pass
 _connection_ids = itertools.count(1)
 
 
@@ -78,6 +83,8 @@ class _ChainRunner(threading.Thread):
             entry = self.items.get()
             if entry is _END:
                 return
+            if entry is _ABORT:
+                raise _StreamAborted()
             item, arrival = entry
             self.context.last_arrival = arrival
             yield item
@@ -95,6 +102,8 @@ class _ChainRunner(threading.Thread):
                 elif isinstance(output, Notice):
                     log.log(output.level, "%s: %s", self.sender.name, output.text)
                     self.sender.send(protocol.frame_text(output.text))
+        except _StreamAborted:
+            pass  # everything queued before the abort was processed: complete slices were sent
         except InputError as exc:
             self.error = str(exc)
         except Exception as exc:  # a gadget failed: report it, keep the server alive
@@ -118,11 +127,12 @@ class _ChainRunner(threading.Thread):
                 continue
         return False
 
-    def finish(self) -> None:
+    def finish(self, abort: bool = False) -> None:
+        """End the input: flush open slices (normal end), or drop them when `abort` (broken input)."""
         if self.is_alive():
             while True:
                 try:
-                    self.items.put(_END, timeout=0.5)
+                    self.items.put(_ABORT if abort else _END, timeout=0.5)
                     break
                 except queue.Full:
                     if not self.is_alive():
@@ -261,7 +271,9 @@ class ReconServer:
             error = f"connection error: {exc}"
             sender.peer_gone = True
         if runner is not None:
-            runner.finish()  # flushes open slices: nothing already received is lost
+            # A normal end flushes open slices (nothing received is lost); after an error only the
+            # slices completed before it are reconstructed, not the one the bad data broke into.
+            runner.finish(abort=error is not None)
             error = error or runner.error
             if runner.error and runner.error != error:
                 log.error("%s: %s", sender.name, runner.error)
