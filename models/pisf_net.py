@@ -105,6 +105,10 @@ class PisfBlock(nn.Module):
         self.shrink = SoftThreshold(feats)
         self.after = nn.Sequential(*[ResidualUnit(feats, k) for _ in range(cfg.res_units)])
         self.tail = nn.Conv1d(feats, channels, k, padding=k // 2)
+        # zero-initialised output: every block starts as the identity, so the untrained network
+        # is zero filling + data consistency and training only has to improve on it
+        nn.init.zeros_(self.tail.weight)
+        nn.init.zeros_(self.tail.bias)
 
     def forward(self, images):
         h = self.after(self.shrink(self.before(self.head(images))))
