@@ -29,6 +29,7 @@ GADGETS = {
     "remove_oversampling": "gadgets.oversampling:RemoveOversampling",
     "slice_accumulator": "gadgets.accumulate:SliceAccumulator",
     "zerofill_recon": "gadgets.zerofill:ZeroFilledRecon",
+    "pisf_recon": "gadgets.pisf:PisfRecon",
     "image_finish": "gadgets.finish:ImageFinish",
 }
 
@@ -63,11 +64,20 @@ class ChainSpec:
         return ChainSpec(name=str(mapping.get("name", origin)), stages=stages,
                          description=str(mapping.get("description", "")))
 
-    def build(self, context: StreamContext) -> list:
-        stages = []
+    def stage_classes(self):
         for gadget, parameters in self.stages:
             module_name, class_name = GADGETS[gadget].split(":")
-            stage_class = getattr(importlib.import_module(module_name), class_name)
+            yield gadget, getattr(importlib.import_module(module_name), class_name), parameters
+
+    def warm_up(self) -> None:
+        """Let stages with expensive set-up (model sessions) do it now rather than on the first scan."""
+        for _, stage_class, parameters in self.stage_classes():
+            if hasattr(stage_class, "warm_up"):
+                stage_class.warm_up(**parameters)
+
+    def build(self, context: StreamContext) -> list:
+        stages = []
+        for gadget, stage_class, parameters in self.stage_classes():
             try:
                 stages.append(stage_class(context, **parameters))
             except TypeError as exc:

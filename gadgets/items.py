@@ -63,7 +63,7 @@ class KSpaceSlice:
     last_line_time: float = field(default_factory=time.monotonic)
 
     def acs_lines(self) -> np.ndarray:
-        """Calibration samples [coils, kz, n_acs, kx] (falls back to all imaging lines)."""
+        """Calibration lines [coils, n, kx] (n over all kz, ky; falls back to the imaging lines)."""
         if self.calibration is not None and self.calibration_sampled.any():
             return self.calibration[:, self.calibration_sampled]
         return self.kspace[:, self.sampled]

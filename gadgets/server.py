@@ -177,6 +177,18 @@ class ReconServer:
             thread.start()
         self.listener.close()
 
+    def warm_up(self) -> None:
+        """Create and warm up model sessions of every chain now, so no scan pays a cold start.
+
+        A chain that cannot warm up (missing or corrupt model) is reported here and again, as a
+        clear error, to any client that asks for it.
+        """
+        for name in self.repository.names():
+            try:
+                self.repository.load(name).warm_up()
+            except Exception as exc:
+                log.error("chain %s is not usable: %s", name, exc)
+
     def start_background(self) -> threading.Thread:
         thread = threading.Thread(target=self.serve_forever, name="pisf-accept", daemon=True)
         thread.start()
@@ -317,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    server.warm_up()
     server.serve_forever()
     server.shutdown()
     return 0
