@@ -150,7 +150,7 @@ def apply_overrides(spec: ChainSpec, properties: dict[str, str]) -> None:
 def _chain_from_gadgetron_xml(text: str, origin: str, repository: "ChainRepository") -> ChainSpec:
     """A Gadgetron chain whose `<external>` executes one of our targets runs that chain here.
 
-    Target `zerofill`/`pisf` name the chain; target `chain` takes it from the `chain` property.
+    Target `zerofill`/`pisf` name the chain; a `chain` property (required for target `chain`) names another.
     """
     root = safe_xml(text, origin)
     for external in root.iter():
@@ -162,7 +162,12 @@ def _chain_from_gadgetron_xml(text: str, origin: str, repository: "ChainReposito
         configuration = next((e for e in external.iter() if e.tag.split("}")[-1] == "configuration"), None)
         properties = configuration_properties(configuration)
         target = execute.get("target", "")
-        spec = repository.load(properties.get("chain", target) if target == "chain" else target)
+        # `X_buffers` targets run chain X on Gadgetron's buffers; sent to our own server (which
+        # buffers itself) the same chain runs on the acquisitions.
+        if target.endswith("_buffers"):
+            target = target[:-len("_buffers")]
+        # as in gadgets.external.run_chain: a `chain` property names the chain for every target
+        spec = repository.load(properties.get("chain", target))
         apply_overrides(spec, properties)
         return spec
     raise ConfigError(f"{origin}: this Gadgetron XML chain runs none of our targets "

@@ -47,15 +47,22 @@ class ReplayResult:
         return [r.latency_s for r in self.images if r.latency_s is not None]
 
 
+# HDF5 file objects opened and closed from several threads at once crash the process (seen as a
+# segfault with concurrent replays); file access is rare and short, so it is serialised.
+_hdf5_lock = threading.Lock()
+
+
 def read_raw(path: Path | str, group: str = "dataset"):
     """(header text, acquisitions) of an ISMRMRD HDF5 file, opened read-only."""
-    dataset = ismrmrd.Dataset(str(path), group, create_if_needed=False, mode="r")
-    try:
-        header = dataset.read_xml_header()
-        header = header.decode("utf-8") if isinstance(header, bytes) else header
-        acquisitions = [dataset.read_acquisition(i) for i in range(dataset.number_of_acquisitions())]
-    finally:
-        dataset.close()
+    with _hdf5_lock:
+        dataset = ismrmrd.Dataset(str(path), group, create_if_needed=False, mode="r")
+        try:
+            header = dataset.read_xml_header()
+            header = header.decode("utf-8") if isinstance(header, bytes) else header
+            acquisitions = [dataset.read_acquisition(i) for i in range(dataset.number_of_acquisitions())]
+        finally:
+            dataset.close()
+            del dataset  # its __del__ closes again: keep that inside the lock too
     return header, acquisitions
 
 
@@ -149,12 +156,14 @@ def replay(raw_path: Path | str, host: str = "127.0.0.1", port: int = 9002, conf
 def write_images(result: ReplayResult, out_path: Path | str, group: str | None = None) -> str:
     """Append received images as ISMRMRD image groups `<group>/image_<series>`; returns the group."""
     group = group or datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-    dataset = ismrmrd.Dataset(str(out_path), group, create_if_needed=True)
-    try:
-        for received in result.images:
-            dataset.append_image(f"image_{received.image.image_series_index}", received.image)
-    finally:
-        dataset.close()
+    with _hdf5_lock:
+        dataset = ismrmrd.Dataset(str(out_path), group, create_if_needed=True)
+        try:
+            for received in result.images:
+                dataset.append_image(f"image_{received.image.image_series_index}", received.image)
+        finally:
+            dataset.close()
+            del dataset
     return group
 
 
@@ -208,6 +217,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="write received images to this ISMRMRD HDF5 file")
     parser.add_argument("--out-group", help="image group name (default: current date and time)")
     parser.add_argument("--png", type=Path, help="write PNG previews into this directory")
+    parser.add_argument("--dicom", type=Path, help="write the images as DICOM MR series into this directory")
     parser.add_argument("--realtime", action="store_true", help="pace lines by their acquisition time stamps")
     parser.add_argument("--timeout", type=float, default=600.0)
 
@@ -224,6 +234,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"images written to {args.out} group '{group}'")
     if args.png and result.images:
         print(f"{len(write_pngs(result, args.png))} PNG previews in {args.png}")
+    if getattr(args, "dicom", None) and result.images:
+        from .context import parse_header
+        from .dicom import write_dicom
+
+        paths = write_dicom([r.image for r in result.images], args.dicom,
+                            header=parse_header(read_raw(args.raw)[0]))
+        print(f"{len(paths)} DICOM files in {args.dicom}")
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
     return 1 if (result.error or result.errors or not result.closed) else 0

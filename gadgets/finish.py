@@ -31,7 +31,14 @@ class ImageFinish:
     """
 
     def __init__(self, context: StreamContext, data_type: str = "ushort", series_index: int = 1,
-                 scale: float | None = None, target_percentile_value: float = 2048.0, comment: str | None = None):
+                 scale: float | None = None, target_percentile_value: float = 2048.0, comment: str | None = None,
+                 fire: bool = False, sequence_description_additional: str = "PISF"):
+        # FIRE-style consoles (python-ismrmrd-server conventions): int16 magnitude in 12 bits and the
+        # meta attributes the console's image path reads (see _fire_meta).
+        self.fire = bool(fire)
+        self.sequence_description_additional = str(sequence_description_additional)
+        if self.fire:
+            data_type = "short"
         if data_type not in _DTYPES:
             raise ValueError(f"data_type must be one of {sorted(_DTYPES)}, not {data_type!r}")
         self.context = context
@@ -92,8 +99,22 @@ class ImageFinish:
             "PISF_LatencyMs": f"{(time.monotonic() - recon.last_line_time) * 1e3:.1f}",
         })
         meta.update({k: str(v) for k, v in recon.meta.items()})
+        if self.fire:
+            self._fire_meta(meta, head, comment)
         image.attribute_string = meta.serialize()
         return image
+
+    def _fire_meta(self, meta, head: ismrmrd.ImageHeader, comment: str) -> None:
+        """Attributes a FIRE console reads: role, history, window (already set), the text appended
+        to the series description, the image plane directions, and Keep_image_geometry = 1 (the
+        pixels keep the acquisition's row/column order; the console must not reorient them)."""
+        meta["DataRole"] = "Image"
+        meta["ImageProcessingHistory"] = ["PYTHON", "PISF"]
+        meta["SequenceDescriptionAdditional"] = self.sequence_description_additional
+        meta["ImageComments"] = comment
+        meta["Keep_image_geometry"] = "1"
+        meta["ImageRowDir"] = [f"{float(v):.18f}" for v in head.read_dir]
+        meta["ImageColumnDir"] = [f"{float(v):.18f}" for v in head.phase_dir]
 
     @staticmethod
     def _copy_geometry(head: ismrmrd.ImageHeader, line: ismrmrd.AcquisitionHeader) -> None:

@@ -189,7 +189,10 @@ class MessageReader:
         nbytes = int(head.channels) * x * y * z * dtype.itemsize
         self._check_payload("image", nbytes)
         data = np.frombuffer(self._bytes(nbytes), dtype=dtype)
-        image = ismrmrd.Image(head_bytes, attributes)
+        try:
+            image = ismrmrd.Image(head_bytes, attributes)
+        except Exception as exc:  # the meta XML is the only part ismrmrd parses here
+            raise ProtocolError(f"image attributes do not parse: {exc}") from None
         image.data.ravel()[:] = data
         return image
 

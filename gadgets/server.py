@@ -20,7 +20,7 @@ from pathlib import Path
 
 import ismrmrd
 
-from . import protocol
+from . import limit_blas_threads, protocol
 from .chain import ChainRepository, ChainSpec, ConfigError, parse_chain_text, run_stages
 from .context import InputError, StreamContext, parse_header
 from .items import Notice
@@ -28,7 +28,7 @@ from .validate import AcquisitionValidator
 
 log = logging.getLogger("pisf.server")
 _END = object()
-_ABORT = object()  # the input broke off (error or lost client): open slices are dropped, not flushed
+_ABORT = object()  # the client is gone: open slices are dropped, not flushed
 
 
 class _StreamAborted(Exception):
@@ -140,10 +140,30 @@ class _ChainRunner(threading.Thread):
         self.join()
 
 
+def _linger_close(sock: socket.socket, drain_s: float = 2.0) -> None:
+    """Close after a short drain of what the client still sends.
+
+    Closing with unread input makes the kernel answer with a reset, and a client still busy
+    sending would then fail before it reads our ERROR and CLOSE; draining lets it see them.
+    """
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + drain_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining)
+            if not sock.recv(1 << 16):
+                break
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
 class ReconServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 9002, repository: ChainRepository | None = None,
                  limits: protocol.Limits = protocol.Limits(), max_connections: int = 16,
                  io_timeout_s: float = 300.0, queue_size: int = 2048):
+        limit_blas_threads()
         self.repository = repository or ChainRepository.shared()
         self.limits = limits
         self.io_timeout_s = io_timeout_s
@@ -213,7 +233,7 @@ class ReconServer:
             sender.close("internal server error; see the server log")
         finally:
             try:
-                sock.close()
+                _linger_close(sock)
             finally:
                 self.slots.release()
                 self.sessions.discard(threading.current_thread())
@@ -285,7 +305,9 @@ class ReconServer:
         if runner is not None:
             # A normal end flushes open slices (nothing received is lost); after an error only the
             # slices completed before it are reconstructed, not the one the bad data broke into.
-            runner.finish(abort=error is not None)
+            # Open slices are flushed (with a warning) while the client can still receive them;
+            # for a client that is gone they are dropped instead of computed for nobody.
+            runner.finish(abort=sender.peer_gone)
             error = error or runner.error
             if runner.error and runner.error != error:
                 log.error("%s: %s", sender.name, runner.error)

@@ -211,7 +211,9 @@ def test_more_samples_than_encoded_readout(server):
 def test_kspace_encode_step_1_outside_limits(server):
     line = make_line(NY + 8, counter=5)
     messages = converse(server, preamble() + frames(make_line(0), line))
-    assert_error(messages, "acquisition 5", "kspace_encode_step_1 = 40", "encoding limits 0..31")
+    # The one valid line before it is not lost: flushed with a warning, then the error.
+    assert "1 lines received" in messages[0].text and images(messages)[0].meta["PISF_Complete"] == "false"
+    assert_error(messages[2:], "acquisition 5", "kspace_encode_step_1 = 40", "encoding limits 0..31")
     assert_still_serving(server)
 
 
@@ -267,15 +269,20 @@ def test_missing_last_in_slice_is_flushed_with_a_warning(server):
     assert_still_serving(server)
 
 
-def test_valid_slice_is_reconstructed_before_the_error(server):
+def test_valid_part_is_reconstructed_before_the_error(server):
     header = make_header(slices=2)
     bad = make_line(3, slice_=1, counter=NY + 3, data=np.full((COILS, NX), np.inf, dtype=np.complex64))
     payload = (preamble(header=header) + frames(*make_slice(0)) + frames(*make_slice(1, last_flag=False, lines=3, first_counter=NY))
                + frames(bad))
     messages = converse(server, payload)
-    assert_error(messages, f"acquisition {NY + 3}", "NaN or infinite", images_before=1)
-    assert isinstance(messages[0], ismrmrd.Image) and messages[0].slice == 0
-    assert messages[0].meta["PISF_Complete"] == "true"
+    # Slice 0 complete; slice 1's three valid lines flushed with a warning; then the error.
+    assert [type(m).__name__ for m in messages] == ["Image", "Text", "Image", "Text", "Close"], messages
+    first, warning, partial = messages[:3]
+    assert first.slice == 0 and first.meta["PISF_Complete"] == "true"
+    assert "slice 1" in warning.text and "3 lines received" in warning.text
+    assert not warning.text.startswith("ERROR")
+    assert partial.slice == 1 and partial.meta["PISF_Complete"] == "false"
+    assert_error(messages[3:], f"acquisition {NY + 3}", "NaN or infinite")
     assert_still_serving(server)
 
 

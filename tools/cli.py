@@ -19,6 +19,9 @@ SUBCOMMANDS = {
     "train": ("tools.train", "train the PISF network on on-the-fly synthetic data"),
     "export": ("tools.export", "export a PISF checkpoint to ONNX (with a parity check)"),
     "evaluate": ("tools.evaluate", "PISF vs zero-filled vs BART l1-ESPIRiT on the real data"),
+    "bench": ("tools.bench", "latency, throughput and memory of the server per chain, BART beside it"),
+    "dicom": ("tools.dicom", "convert ISMRMRD images (pisf replay --out) to DICOM MR series"),
+    "gadgetron-worker": ("gadgets.worker", "persistent external-gadget process for <external><connect>"),
 }
 
 

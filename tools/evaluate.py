@@ -202,7 +202,7 @@ def evaluate_all(model_path: str, data_dir: Path, out: Path, accelerations, lamb
     if brain_path.exists():
         kspace, mask2d, reference = load_brain(data_dir)
         fg = foreground_mask(reference)
-        accel = round(mask2d.size / mask2d.sum(), 1)
+        accel = round(float(mask2d.size / mask2d.sum()), 1)
         zf = zero_filled(kspace, mask2d)
         start = time.perf_counter()
         pisf = recon.reconstruct(kspace, mask2d)
@@ -217,7 +217,7 @@ def evaluate_all(model_path: str, data_dir: Path, out: Path, accelerations, lamb
     save_figure(out / "comparison.png", panels, labels)
     summary = {"model": str(model_path), "variant": recon.variant, "metadata": recon.metadata,
                "bart": use_bart, "lambdas": list(lambdas), "rows": rows}
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    (out / "results.json").write_text(json.dumps(summary, indent=1, default=float))
     (out / "results.md").write_text(markdown_table(rows))
     print(markdown_table(rows))
     return summary

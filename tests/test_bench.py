@@ -1,0 +1,53 @@
+"""`pisf bench` end to end on a tiny simulated dataset (zerofill chain only)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+from tools.bench import markdown, percentiles, run_bench, trend
+
+
+def test_percentiles_and_trend():
+    stats = percentiles([1.0, 2.0, 3.0, None, float("nan")])
+    assert stats["n"] == 3 and stats["p50"] == 2.0 and stats["max"] == 3.0
+    assert percentiles([])["p50"] is None
+    flat = trend([10.0] * 20)
+    assert flat["flat"] and abs(flat["slope_ms_per_slice"]) < 1e-9
+    growing = trend([10.0 + 5 * i for i in range(20)])
+    assert not growing["flat"] and growing["slope_ms_per_slice"] > 4
+
+
+def test_bench_tiny_zerofill(tmp_path):
+    has_bart = shutil.which("bart") is not None
+    report = run_bench(tmp_path, chains=("zerofill",), slices=2, matrix=64, coils=4, accel=4, acs=12,
+                       use_shared=False, bart_slices=1 if has_bart else 0, realtime=True, realtime_slices=3,
+                       tr_ms=5.0, soak=4, min_images=2, log=lambda *_: None)
+
+    assert report["hardware"]["cpu_cores"] >= 1 and report["hardware"]["cpu_model"]
+    [run] = report["runs"]
+    assert run["dataset"] == "simulated" and run["chain"] == "zerofill" and "failure" not in run
+    assert run["images"] == 2 and run["replays"] == 1
+    for key in ("server_latency_ms", "client_latency_ms"):
+        assert run[key]["n"] == 2
+        assert 0 < run[key]["p50"] <= run[key]["p95"] < 30_000
+    assert run["slices_per_s"] > 0 and run["peak_rss_mib"] > 10
+    assert [p["slice"] for p in run["per_image"]] == [0, 1]
+
+    rt = report["realtime"]
+    [rt_run] = rt["chains"]
+    assert "failure" not in rt_run and rt_run["images"] == 3 and rt["scan_s"] > 0
+    assert rt_run["realtime_factor"] > 0 and rt_run["trend_server"]["slope_ms_per_slice"] is not None
+
+    [soak] = report["soak"]["chains"]
+    assert soak["images"] >= 4 and soak["replays"] == 2 and soak["rss_end_mib"] > 0
+    assert soak["growth_percent"] > -50
+
+    if has_bart:
+        bart = report["bart"]
+        assert bart["slices"] == 1 and bart["acs_lines"] == 12 and bart["ecalib_pics_ms"]["p50"] > 0
+
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["runs"][0]["images"] == 2
+    text = (tmp_path / "bench.md").read_text()
+    assert "| simulated | zerofill | 2 |" in text and text == markdown(report)
+    assert ("plot" in report and (tmp_path / "bench.png").stat().st_size > 0) or "plot_skipped" in report
