@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
-from .context import StreamContext
+from .context import InputError, StreamContext
 
 # gadget name -> "module:Class" (modules imported on first use, so chains load only what they need)
 GADGETS = {
@@ -82,6 +82,13 @@ class ChainSpec:
                 stages.append(stage_class(context, **parameters))
             except TypeError as exc:
                 raise ConfigError(f"chain {self.name!r}, gadget {gadget!r}: {exc}") from None
+            except (ConfigError, InputError):
+                raise
+            except Exception as exc:
+                # e.g. a missing or corrupt model file: the client must hear which stage and why
+                # (a FileNotFoundError is an OSError, which the server would take for a broken connection)
+                raise ConfigError(f"chain {self.name!r}, gadget {gadget!r} could not be set up: "
+                                  f"{type(exc).__name__}: {exc}") from None
         return stages
 
 
@@ -192,6 +199,8 @@ class ChainRepository:
         """Chains offered here: the YAML files that describe stages (training configs live alongside)."""
         names = []
         for path in sorted(self.directory.glob("*.yaml")):
+            if path.resolve().parent != self.directory:
+                continue  # a symlink out of the directory: load() refuses it, so it is not offered
             try:
                 mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
             except (OSError, yaml.YAMLError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -55,7 +56,10 @@ _hdf5_lock = threading.Lock()
 def read_raw(path: Path | str, group: str = "dataset"):
     """(header text, acquisitions) of an ISMRMRD HDF5 file, opened read-only."""
     with _hdf5_lock:
-        dataset = ismrmrd.Dataset(str(path), group, create_if_needed=False, mode="r")
+        try:
+            dataset = ismrmrd.Dataset(str(path), group, create_if_needed=False, mode="r")
+        except TypeError:  # ismrmrd < 1.15 (the Gadgetron image's 1.14) has no `mode`
+            dataset = ismrmrd.Dataset(str(path), group, create_if_needed=False)
         try:
             header = dataset.read_xml_header()
             header = header.decode("utf-8") if isinstance(header, bytes) else header
@@ -106,13 +110,25 @@ class _Receiver(threading.Thread):
 def replay(raw_path: Path | str, host: str = "127.0.0.1", port: int = 9002, config: str = "zerofill",
            config_text: str | None = None, realtime: bool = False, parameters: str | None = None,
            verbose: bool = False, progress: bool = False, timeout_s: float = 600.0,
-           header_text: str | None = None, acquisitions: list | None = None) -> ReplayResult:
-    """Stream one raw file (or given header+acquisitions) and return what came back."""
+           header_text: str | None = None, acquisitions: list | None = None, tls: bool = False,
+           tls_ca: Path | str | None = None) -> ReplayResult:
+    """Stream one raw file (or given header+acquisitions) and return what came back.
+
+    `tls`: connect over TLS, verifying the server's certificate (and host name) against `tls_ca`
+    (a PEM file) or, without it, the system's trusted CAs.
+    """
     if acquisitions is None:
         header_text, acquisitions = read_raw(raw_path)
     result = ReplayResult()
     sent_times: dict[SliceKey, float] = {}
-    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+    sock = socket.create_connection((host, port), timeout=timeout_s)
+    if tls:
+        try:
+            sock = client_ssl_context(tls_ca).wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+    with sock:
         receiver = _Receiver(sock, result, sent_times, verbose)
         receiver.start()
         send = sock.sendall
@@ -151,6 +167,13 @@ def replay(raw_path: Path | str, host: str = "127.0.0.1", port: int = 9002, conf
         result.send_seconds = time.monotonic() - start
         receiver.join(timeout_s)
     return result
+
+
+def client_ssl_context(ca: Path | str | None = None) -> ssl.SSLContext:
+    """Verifies the server certificate and host name (against `ca`, else the system CAs)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def write_images(result: ReplayResult, out_path: Path | str, group: str | None = None) -> str:
@@ -220,12 +243,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dicom", type=Path, help="write the images as DICOM MR series into this directory")
     parser.add_argument("--realtime", action="store_true", help="pace lines by their acquisition time stamps")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--tls", action="store_true", help="connect over TLS (server started with --tls-cert)")
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA certificate to verify the server with (implies --tls)")
 
 
 def run(args: argparse.Namespace) -> int:
     config_text = args.config_file.read_text() if args.config_file else None
     result = replay(args.raw, args.host, args.port, args.config, config_text, args.realtime, args.parameters,
-                    verbose=True, progress=True, timeout_s=args.timeout)
+                    verbose=True, progress=True, timeout_s=args.timeout,
+                    tls=args.tls or args.tls_ca is not None, tls_ca=args.tls_ca)
     print(f"sent {result.acquisitions_sent} acquisitions in {result.send_seconds:.2f} s, "
           f"received {len(result.images)} images")
     print(summarise_latency(result.latencies()))

@@ -62,10 +62,10 @@ def run_chain(connection, chain_name: str | None = None, buffers: bool = False,
     are dropped and the buffers become KSpaceSlices (gadgets.recondata).
     """
     # defaults: properties of a persistent worker (pisf gadgetron-worker --property), under the config's
-    limit_blas_threads()
     properties = {**(defaults or {}), **configuration_properties(getattr(connection, "config", None))}
     chain_name = properties.get("chain", chain_name or "zerofill")
     try:
+        limit_blas_threads()  # inside the try: any failure must reach Gadgetron as ERROR
         spec = ChainRepository.shared().load(chain_name)
         apply_overrides(spec, properties)
         if buffers:

@@ -14,6 +14,7 @@ import logging
 import queue
 import signal
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -92,6 +93,11 @@ class _ChainRunner(threading.Thread):
     def run(self) -> None:
         try:
             for output in run_stages(self.stages, self._incoming()):
+                if self.sender.peer_gone:
+                    # The client stopped receiving (write timeout) or vanished: computing the rest
+                    # of the scan for nobody only holds memory and CPU; stop, and let the reader stop.
+                    self.error = "the client stopped receiving images"
+                    break
                 if isinstance(output, ismrmrd.Image):
                     self.sender.send(protocol.frame_image(output))
                     self.images_sent += 1
@@ -162,13 +168,17 @@ def _linger_close(sock: socket.socket, drain_s: float = 2.0) -> None:
 class ReconServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 9002, repository: ChainRepository | None = None,
                  limits: protocol.Limits = protocol.Limits(), max_connections: int = 16,
-                 io_timeout_s: float = 300.0, queue_size: int = 2048):
+                 io_timeout_s: float = 300.0, queue_size: int = 2048,
+                 ssl_context: ssl.SSLContext | None = None):
         limit_blas_threads()
         self.repository = repository or ChainRepository.shared()
         self.limits = limits
         self.io_timeout_s = io_timeout_s
         self.queue_size = queue_size
         self.slots = threading.BoundedSemaphore(max_connections)
+        self.ssl_context = ssl_context  # None: plain TCP (the default); else every connection is TLS
+        # refusals ("server busy") run in short threads of their own, at most this many at once
+        self.refusals = threading.BoundedSemaphore(16)
         self.listener = socket.create_server((host, port), reuse_port=False)
         self.address = self.listener.getsockname()[:2]
         self.stopping = threading.Event()
@@ -188,14 +198,42 @@ class ReconServer:
             name = f"conn{next(_connection_ids)}"
             if not self.slots.acquire(blocking=False):
                 log.warning("%s from %s refused: too many connections", name, peer)
-                sender = _Sender(sock, name)
-                sender.close("server busy: too many concurrent connections, try again later")
-                sock.close()
+                if self.refusals.acquire(blocking=False):
+                    threading.Thread(target=self._refuse, args=(sock, name), name=f"{name}-refuse",
+                                     daemon=True).start()
+                else:
+                    sock.close()  # a flood: no more threads for it, just drop
                 continue
             thread = threading.Thread(target=self._session, args=(sock, name, peer), name=name, daemon=True)
             self.sessions.add(thread)
             thread.start()
         self.listener.close()
+
+    def _secure(self, sock: socket.socket, timeout_s: float) -> socket.socket:
+        """The TLS-wrapped socket (handshake done, within timeout_s), or sock itself without TLS."""
+        if self.ssl_context is None:
+            return sock
+        sock.settimeout(timeout_s)
+        wrapped = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        wrapped.do_handshake()
+        return wrapped
+
+    def _refuse(self, sock: socket.socket, name: str) -> None:
+        """Tell a connection over the limit that the server is busy (TEXT, CLOSE), then close it.
+
+        Done off the accept loop, with a short drain before closing: closing with the client's
+        config still unread would reset the connection and lose the message.
+        """
+        try:
+            sock = self._secure(sock, min(self.io_timeout_s, 5.0))
+            sock.settimeout(min(self.io_timeout_s, 5.0))
+            _Sender(sock, name).close("server busy: too many concurrent connections, try again later")
+            _linger_close(sock, drain_s=1.0)
+        except (OSError, ValueError) as exc:
+            log.warning("%s: refusing failed: %s", name, exc)
+            sock.close()
+        finally:
+            self.refusals.release()
 
     def warm_up(self) -> None:
         """Create and warm up model sessions of every chain now, so no scan pays a cold start.
@@ -223,8 +261,16 @@ class ReconServer:
 
     # ---- one connection ----
     def _session(self, sock: socket.socket, name: str, peer) -> None:
-        sender = _Sender(sock, name)
         log.info("%s: connected from %s:%d", name, *peer[:2])
+        try:
+            sock = self._secure(sock, self.io_timeout_s)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.warning("%s: TLS handshake failed: %s", name, exc)
+            sock.close()
+            self.slots.release()
+            self.sessions.discard(threading.current_thread())
+            return
+        sender = _Sender(sock, name)
         try:
             sock.settimeout(self.io_timeout_s)
             self._converse(sock, sender)
@@ -243,6 +289,7 @@ class ReconServer:
         reader = protocol.MessageReader(protocol.socket_reader(sock), self.limits)
         runner: _ChainRunner | None = None
         error: str | None = None
+        abort = False  # drop open slices instead of flushing them (the client is probably gone)
         try:
             config = reader.read()
             if isinstance(config, protocol.Close):
@@ -293,8 +340,11 @@ class ReconServer:
             if runner is None and not exc.mid_frame:
                 log.info("%s: client closed before sending data", sender.name)
             else:
-                error = f"connection lost: {exc}"
-                sender.peer_gone = True
+                # The client stopped sending (it may still read: a half-close): say why, in case
+                # it listens; a client that is gone makes the send fail harmlessly.
+                error = (f"truncated frame: {exc}" if exc.mid_frame
+                         else f"connection lost: {exc} before CLOSE (message id 4)")
+                abort = True
         except (protocol.ProtocolError, InputError, ConfigError) as exc:
             error = str(exc)
         except socket.timeout:
@@ -307,7 +357,7 @@ class ReconServer:
             # slices completed before it are reconstructed, not the one the bad data broke into.
             # Open slices are flushed (with a warning) while the client can still receive them;
             # for a client that is gone they are dropped instead of computed for nobody.
-            runner.finish(abort=sender.peer_gone)
+            runner.finish(abort=abort or sender.peer_gone)
             error = error or runner.error
             if runner.error and runner.error != error:
                 log.error("%s: %s", sender.name, runner.error)
@@ -336,14 +386,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connections", type=int, default=16)
     parser.add_argument("--io-timeout", type=float, default=300.0, help="seconds a client may stay silent")
     parser.add_argument("--max-message-mb", type=float, default=256.0, help="largest frame accepted")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve over TLS (default: plain TCP)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert (default: in the cert file)")
     parser.add_argument("--log-level", default="INFO")
+
+
+def server_ssl_context(cert: Path, key: Path | None = None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert), str(key) if key else None)
+    return context
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     repository = ChainRepository(args.config_dir) if args.config_dir else ChainRepository.shared()
     limits = protocol.Limits(max_message_bytes=int(args.max_message_mb * 1024 * 1024))
-    server = ReconServer(args.host, args.port, repository, limits, args.max_connections, args.io_timeout)
+    if args.tls_key and not args.tls_cert:
+        log.error("--tls-key needs --tls-cert")
+        return 2
+    ssl_context = server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    server = ReconServer(args.host, args.port, repository, limits, args.max_connections, args.io_timeout,
+                         ssl_context=ssl_context)
+    if ssl_context is not None:
+        log.info("TLS on: certificate %s", args.tls_cert)
 
     def stop(signum, _frame):
         log.info("signal %d: finishing connections in flight, then stopping", signum)

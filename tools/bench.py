@@ -52,6 +52,20 @@ def rss_bytes(pid: int, field: str = "VmRSS") -> int | None:
     return None
 
 
+def process_counts(pid: int) -> dict:
+    """Open file descriptors (/proc/PID/fd) and threads (/proc/PID/status Threads) of a process."""
+    counts: dict = {"fds": None, "threads": None}
+    try:
+        counts["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("Threads:"):
+                    counts["threads"] = int(line.split()[1])
+    except OSError:
+        pass
+    return counts
+
+
 class RssSampler(threading.Thread):
     """Samples a process's VmRSS every `interval_s` until stopped; keeps the peak."""
 
@@ -380,16 +394,22 @@ def markdown(report: dict) -> str:
                       "(< 1: the server keeps up). Lag after scan: last line sent -> last image received, paced."]
     soak = report.get("soak")
     if soak:
-        lines += ["", f"## Soak: {soak['slices_requested']} slices", "",
-                  "| chain | replays | images | RSS after warm-up MiB | RSS at end MiB | growth % | server p50 first / last replay ms |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        length = (f"{soak['minutes_per_chain']:g} minutes per chain" if soak.get("minutes_per_chain")
+                  else f"{soak['slices_requested']} slices")
+        lines += ["", f"## Soak: {length}", "",
+                  "| chain | replays | images | RSS after warm-up MiB | RSS at end MiB | growth % | server p50 first / last replay ms "
+                  "| fds after warm-up / end | threads after warm-up / end |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in soak["chains"]:
             if row.get("failure"):
                 lines.append(f"| {row['chain']} | FAILED: {row['failure']} ||||||")
                 continue
             lines.append(f"| {row['chain']} | {row['replays']} | {row['images']} | {row['rss_after_warmup_mib']:.0f} "
                          f"| {row['rss_end_mib']:.0f} | {row['growth_percent']:+.1f} "
-                         f"| {_fmt(row['server_p50_first_ms'])} / {_fmt(row['server_p50_last_ms'])} |")
+                         f"| {_fmt(row['server_p50_first_ms'])} / {_fmt(row['server_p50_last_ms'])} "
+                         f"| {row.get('counts_after_warmup', {}).get('fds')} / {row.get('counts_end', {}).get('fds')} "
+                         f"| {row.get('counts_after_warmup', {}).get('threads')} / "
+                         f"{row.get('counts_end', {}).get('threads')} |")
     if report.get("plot"):
         lines += ["", f"![latency per slice]({Path(report['plot']).name})"]
     elif report.get("plot_skipped"):
@@ -437,7 +457,7 @@ def plot(report: dict, path: Path) -> str | None:
 def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None = None, slices: int = 10,
               matrix: int = 256, coils: int = 8, accel: int = 4, acs: int = 24, use_shared: bool = True,
               bart_slices: int = 3, realtime: bool = False, realtime_slices: int = 50, tr_ms: float = 8.0,
-              soak: int = 0, min_images: int = 10, log=print) -> dict:
+              soak: int = 0, min_images: int = 10, soak_minutes: float = 0.0, log=print) -> dict:
     from gadgets.client import read_raw
     from tools.simulate import simulate
 
@@ -446,7 +466,7 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
     report: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "hardware": hardware(),
                     "settings": dict(chains=list(chains), model=model, slices=slices, matrix=matrix, coils=coils,
                                      accel=accel, acs=acs, realtime=realtime, realtime_slices=realtime_slices,
-                                     tr_ms=tr_ms, soak=soak),
+                                     tr_ms=tr_ms, soak=soak, soak_minutes=soak_minutes),
                     "runs": []}
     sim_path = out / "sim.h5"
     log(f"simulating {slices} slices, {matrix}x{matrix}, {coils} coils, R={accel}, ACS {acs} -> {sim_path}")
@@ -534,13 +554,21 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
             report["realtime"] = rt
 
         # ---- soak: N slices back to back, RSS after each replay
-        if soak > 0:
+        # (--soak-minutes M: each chain for M minutes instead, however many slices that is)
+        if soak > 0 or soak_minutes > 0:
             header, acquisitions = loaded["simulated"]
-            report["soak"] = {"slices_requested": soak, "dataset": "simulated", "chains": []}
+            report["soak"] = {"slices_requested": soak, "minutes_per_chain": soak_minutes, "dataset": "simulated",
+                              "chains": []}
             for chain in chains:
                 entry = {"chain": chain, "rss_mib": [], "server_p50_ms": []}
                 images = replays = 0
-                while images < soak:
+                started = time.monotonic()
+                deadline = started + soak_minutes * 60
+
+                def more() -> bool:
+                    return time.monotonic() < deadline if soak_minutes > 0 else images < soak
+
+                while more():
                     done = timed_replay(port, pid, header, acquisitions, chain, config_texts[chain])
                     if done["failure"]:
                         entry["failure"] = done["failure"]
@@ -548,7 +576,14 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
                     replays += 1
                     images += len(done["result"].images)
                     entry["rss_mib"].append((rss_bytes(pid) or 0) / 2 ** 20)
+                    # fds and threads once the connection is closed (after the first replay = warmed up)
+                    time.sleep(0.2)  # the session thread ends just after CLOSE
+                    counts = process_counts(pid)
+                    if replays == 1:
+                        entry["counts_after_warmup"] = counts
+                    entry["counts_end"] = counts
                     entry["server_p50_ms"].append(percentiles(r["server_ms"] for r in image_rows(done["result"]))["p50"])
+                entry["seconds"] = time.monotonic() - started
                 entry.update(replays=replays, images=images)
                 if entry["rss_mib"]:
                     base, end = entry["rss_mib"][0], entry["rss_mib"][-1]
@@ -556,8 +591,10 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
                                  growth_percent=(end - base) / base * 100 if base else 0.0,
                                  server_p50_first_ms=entry["server_p50_ms"][0],
                                  server_p50_last_ms=entry["server_p50_ms"][-1])
-                    log(f"soak / {chain}: {images} slices in {replays} replays, RSS {base:.0f} -> {end:.0f} MiB "
-                        f"({entry['growth_percent']:+.1f} %)")
+                    a, b = entry.get("counts_after_warmup", {}), entry.get("counts_end", {})
+                    log(f"soak / {chain}: {images} slices in {replays} replays over {entry['seconds']:.0f} s, "
+                        f"RSS {base:.0f} -> {end:.0f} MiB ({entry['growth_percent']:+.1f} %), fds "
+                        f"{a.get('fds')} -> {b.get('fds')}, threads {a.get('threads')} -> {b.get('threads')}")
                 report["soak"]["chains"].append(entry)
         report["server"]["rss_peak_lifetime_mib"] = (rss_bytes(pid, "VmHWM") or 0) / 2 ** 20
     finally:
@@ -600,6 +637,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--realtime-slices", type=int, default=50)
     parser.add_argument("--tr", type=float, default=8.0, help="GRE TR in ms of the real-time dataset")
     parser.add_argument("--soak", type=int, default=0, metavar="N", help="replay N slices back to back, RSS per replay")
+    parser.add_argument("--soak-minutes", type=float, default=0.0, metavar="M",
+                        help="soak each chain for M minutes instead of N slices (RSS, fds, threads per replay)")
     parser.add_argument("--min-images", type=int, default=10,
                         help="replay each dataset until at least this many images were measured")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
@@ -613,7 +652,7 @@ def run(args: argparse.Namespace) -> int:
                        matrix=args.matrix, coils=args.coils, accel=args.accel, acs=args.acs,
                        use_shared=not args.no_shared, bart_slices=args.bart_slices, realtime=args.realtime,
                        realtime_slices=args.realtime_slices, tr_ms=args.tr, soak=args.soak,
-                       min_images=args.min_images)
+                       min_images=args.min_images, soak_minutes=args.soak_minutes)
     print()
     print(markdown(report))
     failed = [r for r in report["runs"] if r.get("failure")]

@@ -13,7 +13,9 @@ python="${2:-python3}"
 # Runtime only (no torch): what gadgets/ imports inside Gadgetron.
 "$venv/bin/pip" install --quiet \
     "numpy==1.26.4" "gadgetron==1.4.1" "ismrmrd>=1.14,<1.15" "onnxruntime==1.18.1" \
-    "h5py>=3.8" "pyyaml>=6" "pydicom>=2.4"
+    "h5py>=3.8" "pyyaml>=6" "pydicom>=2.4" "threadpoolctl>=3.1"
+# Test tooling only (not in the image): lets our pytest files run on this version set too.
+"$venv/bin/pip" install --quiet "pytest>=7" "pytest-timeout>=2.1"
 "$venv/bin/python" - <<'PY'
 import gadgetron, ismrmrd, numpy, onnxruntime
 print("gadgetron-image env:", "numpy", numpy.__version__, "ismrmrd", ismrmrd.__version__ if hasattr(ismrmrd, "__version__") else "?",
