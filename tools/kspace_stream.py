@@ -1,0 +1,46 @@
+"""Turn a k-space array and a 1D mask into an ISMRMRD header and acquisitions (one per sampled ky).
+
+Lets retrospectively undersampled data (the real data in ../shared/data) stream through the
+server exactly like a scan, so server images can be compared with offline evaluation.
+"""
+from __future__ import annotations
+
+import ismrmrd
+import ismrmrd.xsd as xsd
+import numpy as np
+
+
+def header_for(coils: int, ny: int, nx: int, fov_mm=(256.0, 256.0, 5.0)) -> str:
+    def space():
+        return xsd.encodingSpaceType(matrixSize=xsd.matrixSizeType(x=nx, y=ny, z=1),
+                                     fieldOfView_mm=xsd.fieldOfViewMm(x=fov_mm[0], y=fov_mm[1], z=fov_mm[2]))
+
+    limits = xsd.encodingLimitsType(kspace_encoding_step_1=xsd.limitType(minimum=0, maximum=ny - 1, center=ny // 2),
+                                    slice=xsd.limitType(minimum=0, maximum=0, center=0))
+    encoding = xsd.encodingType(encodedSpace=space(), reconSpace=space(), encodingLimits=limits,
+                                trajectory=xsd.trajectoryType.CARTESIAN)
+    header = xsd.ismrmrdHeader(
+        experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=123_200_000),
+        acquisitionSystemInformation=xsd.acquisitionSystemInformationType(receiverChannels=coils),
+        encoding=[encoding])
+    return xsd.ToXML(header)
+
+
+def acquisitions_from_kspace(kspace: np.ndarray, mask: np.ndarray, fov_mm=(256.0, 256.0, 5.0)):
+    """(header XML, acquisitions) for K[coils, ky, kx] sampled where mask[ky] > 0, ky ascending."""
+    coils, ny, nx = kspace.shape
+    lines = np.flatnonzero(np.asarray(mask) > 0.5)
+    acquisitions = []
+    for number, ky in enumerate(lines):
+        acquisition = ismrmrd.Acquisition.from_array(np.ascontiguousarray(kspace[:, ky, :], dtype=np.complex64))
+        acquisition.scan_counter = number
+        acquisition.center_sample = nx // 2
+        acquisition.idx.kspace_encode_step_1 = int(ky)
+        acquisition.read_dir[:] = (1.0, 0.0, 0.0)
+        acquisition.phase_dir[:] = (0.0, 1.0, 0.0)
+        acquisition.slice_dir[:] = (0.0, 0.0, 1.0)
+        acquisition.acquisition_time_stamp = number * 4  # 10 ms per line in 2.5 ms ticks
+        if number == len(lines) - 1:
+            acquisition.set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
+        acquisitions.append(acquisition)
+    return header_for(coils, ny, nx, fov_mm), acquisitions
