@@ -21,6 +21,7 @@ import numpy as np
 
 from . import protocol
 from .items import SliceKey
+from .tls import TlsSocket
 
 TICK_S = 2.5e-3  # acquisition_time_stamp unit on Siemens and in ISMRMRD practice
 
@@ -124,7 +125,7 @@ def replay(raw_path: Path | str, host: str = "127.0.0.1", port: int = 9002, conf
     sock = socket.create_connection((host, port), timeout=timeout_s)
     if tls:
         try:
-            sock = client_ssl_context(tls_ca).wrap_socket(sock, server_hostname=host)
+            sock = TlsSocket(client_ssl_context(tls_ca), sock, server_side=False, server_hostname=host)
         except BaseException:
             sock.close()
             raise

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,9 @@ class StreamContext:
 
 def parse_header(text: str):
     """Parse ISMRMRD XML header text, raising InputError with the parser's reason."""
+    if re.search(r"<!(DOCTYPE|ENTITY)", text, re.IGNORECASE):
+        # as for XML chains (chain.safe_xml): no DTDs, so no entity expansion and no external fetch
+        raise InputError("the ISMRMRD header has a DOCTYPE or ENTITY declaration; refused")
     try:
         return ismrmrd.xsd.CreateFromDocument(text.rstrip("\0"))
     except Exception as exc:  # xsdata raises several parser/validation types

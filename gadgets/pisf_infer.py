@@ -34,6 +34,13 @@ def calibration_lines(mask: np.ndarray) -> np.ndarray:
     return run if run.sum() >= MIN_ACS_LINES else sampled
 
 
+def reflect_ky(rows: np.ndarray) -> np.ndarray:
+    """k -> -k along the last axis about the centre ny // 2 (image y -> -y). Self-inverse."""
+    ny = rows.shape[-1]
+    flipped = rows[..., ::-1]
+    return np.roll(flipped, 1, axis=-1) if ny % 2 == 0 else flipped
+
+
 def to_rows(hybrid: np.ndarray) -> np.ndarray:
     """[C, ny, rows] complex -> network layout [rows, 2C, ny] float32 (real parts, then imag)."""
     stacked = np.concatenate([hybrid.real, hybrid.imag], axis=0)       # [2C, ny, rows]
@@ -50,7 +57,9 @@ class PisfReconstructor:
     """Loads a PISF ONNX model once; `reconstruct` turns one slice into a magnitude image."""
 
     def __init__(self, model_path: str | os.PathLike, providers: list | None = None,
-                 threads: int = 0, max_rows_per_run: int = 0):
+                 threads: int = 0, max_rows_per_run: int = 0, reflect_average: bool = False):
+        """reflect_average: also run every row mirrored (k -> -k) and average the two outputs
+        (test-time augmentation; doubles the inference time)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -64,6 +73,7 @@ class PisfReconstructor:
         self.coils = int(meta.get("coils", 8))
         self.variant = meta.get("pisf_variant", "unknown")
         self.max_rows_per_run = max_rows_per_run
+        self.reflect_average = reflect_average
 
     # ---------------------------------------------------------------- contract preprocessing
     def preprocess(self, kspace: np.ndarray, mask: np.ndarray, calibration: np.ndarray | None = None):
@@ -79,7 +89,16 @@ class PisfReconstructor:
         return to_rows(hybrid), scale, measured
 
     def run_rows(self, rows: np.ndarray, row_masks: np.ndarray) -> np.ndarray:
-        """The ONNX model on rows [n, 2C, ny] with masks [n, 1, ny], chunked if configured."""
+        """The ONNX model on rows [n, 2C, ny] with masks [n, 1, ny] (chunked if configured,
+        averaged with the mirrored rows if reflect_average)."""
+        output = self._run_chunks(rows, row_masks)
+        if self.reflect_average:
+            mirrored = self._run_chunks(np.ascontiguousarray(reflect_ky(rows)),
+                                        np.ascontiguousarray(reflect_ky(row_masks)))
+            output = 0.5 * (output + reflect_ky(mirrored))
+        return output
+
+    def _run_chunks(self, rows: np.ndarray, row_masks: np.ndarray) -> np.ndarray:
         step = self.max_rows_per_run if self.max_rows_per_run > 0 else rows.shape[0]
         outputs = [self.session.run(["kspace_out"], {"kspace": rows[i:i + step],
                                                     "mask": row_masks[i:i + step]})[0]

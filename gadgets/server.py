@@ -25,6 +25,7 @@ from . import limit_blas_threads, protocol
 from .chain import ChainRepository, ChainSpec, ConfigError, parse_chain_text, run_stages
 from .context import InputError, StreamContext, parse_header
 from .items import Notice
+from .tls import TlsSocket
 from .validate import AcquisitionValidator
 
 log = logging.getLogger("pisf.server")
@@ -209,14 +210,12 @@ class ReconServer:
             thread.start()
         self.listener.close()
 
-    def _secure(self, sock: socket.socket, timeout_s: float) -> socket.socket:
-        """The TLS-wrapped socket (handshake done, within timeout_s), or sock itself without TLS."""
+    def _secure(self, sock: socket.socket, timeout_s: float):
+        """The TLS connection (handshake done, within timeout_s), or sock itself without TLS."""
         if self.ssl_context is None:
             return sock
         sock.settimeout(timeout_s)
-        wrapped = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        wrapped.do_handshake()
-        return wrapped
+        return TlsSocket(self.ssl_context, sock, server_side=True)
 
     def _refuse(self, sock: socket.socket, name: str) -> None:
         """Tell a connection over the limit that the server is busy (TEXT, CLOSE), then close it.

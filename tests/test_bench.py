@@ -41,6 +41,8 @@ def test_bench_tiny_zerofill(tmp_path):
     [soak] = report["soak"]["chains"]
     assert soak["images"] >= 4 and soak["replays"] == 2 and soak["rss_end_mib"] > 0
     assert soak["growth_percent"] > -50
+    for counts in (soak["counts_after_warmup"], soak["counts_end"]):  # server fds and threads from /proc
+        assert counts["fds"] > 0 and counts["threads"] >= 1
 
     if has_bart:
         bart = report["bart"]

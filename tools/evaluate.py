@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-bart", action="store_true", help="skip BART (faster)")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random masks")
+    parser.add_argument("--reflect-average", action="store_true",
+                        help="PISF test-time augmentation: average with the k -> -k mirrored rows")
 
 
 # ----------------------------------------------------------------------------- masks
@@ -146,14 +148,14 @@ def save_figure(path: Path, panels: list[list[np.ndarray]], labels: list[str]) -
 
 # ----------------------------------------------------------------------------- main
 def evaluate_all(model_path: str, data_dir: Path, out: Path, accelerations, lambdas, use_bart: bool,
-                 threads: int = 1, seed: int = 0) -> dict:
+                 threads: int = 1, seed: int = 0, reflect_average: bool = False) -> dict:
     from gadgets.coils import root_sum_of_squares
     from gadgets.fft import ifftc
     from gadgets.pisf_infer import PisfReconstructor, kspace_from_coil_images, zero_filled
     from tools.metrics import all_metrics, foreground_mask, scale_match
 
     out.mkdir(parents=True, exist_ok=True)
-    recon = PisfReconstructor(model_path, threads=threads)
+    recon = PisfReconstructor(model_path, threads=threads, reflect_average=reflect_average)
     use_bart = use_bart and bart_available()
     rng = np.random.default_rng(seed)
     rows, panels, labels = [], [], []
@@ -216,6 +218,7 @@ def evaluate_all(model_path: str, data_dir: Path, out: Path, accelerations, lamb
         return {"rows": []}
     save_figure(out / "comparison.png", panels, labels)
     summary = {"model": str(model_path), "variant": recon.variant, "metadata": recon.metadata,
+               "reflect_average": reflect_average,
                "bart": use_bart, "lambdas": list(lambdas), "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=float))
     (out / "results.md").write_text(markdown_table(rows))
@@ -253,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"model {args.model} not found")
         return 1
     evaluate_all(args.model, data_dir, Path(args.out), args.accelerations, args.lambdas,
-                 use_bart=not args.no_bart, threads=args.threads, seed=args.seed)
+                 use_bart=not args.no_bart, threads=args.threads, seed=args.seed,
+                 reflect_average=args.reflect_average)
     return 0
 
 

@@ -260,8 +260,8 @@ def fuzz_reader(frames: int, seed: int, limits: protocol.Limits = protocol.Limit
                 outcome = "ok"
             except protocol.ProtocolError as exc:
                 outcome = "ProtocolError: " + str(exc).split(" ")[0]
-            except protocol.PeerClosed:
-                outcome = "PeerClosed"
+            except protocol.PeerClosed as exc:
+                outcome = "PeerClosed" if exc.mid_frame else "end of stream"  # cut frame / clean end
             except Exception as exc:  # a crash: the reader let something else out
                 outcome = f"CRASH {type(exc).__name__}"
                 report.crashes += 1
