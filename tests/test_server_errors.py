@@ -13,12 +13,12 @@ import threading
 import tracemalloc
 
 import ismrmrd
-import ismrmrd.xsd as xsd
 import numpy as np
 import pytest
 
 from gadgets import protocol
 from gadgets.client import read_raw, replay
+from tools.kspace_stream import header_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,20 +29,7 @@ COILS = 4
 # ---------------------------------------------------------------- synthetic scans
 
 def make_header(nx: int = NX, ny: int = NY, coils: int = COILS, slices: int = 1) -> str:
-    def space():
-        return xsd.encodingSpaceType(matrixSize=xsd.matrixSizeType(x=nx, y=ny, z=1),
-                                     fieldOfView_mm=xsd.fieldOfViewMm(x=256.0, y=256.0, z=5.0))
-
-    limits = xsd.encodingLimitsType(
-        kspace_encoding_step_1=xsd.limitType(minimum=0, maximum=ny - 1, center=ny // 2),
-        slice=xsd.limitType(minimum=0, maximum=slices - 1, center=0))
-    encoding = xsd.encodingType(encodedSpace=space(), reconSpace=space(), encodingLimits=limits,
-                                trajectory=xsd.trajectoryType.CARTESIAN)
-    header = xsd.ismrmrdHeader(
-        experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=63500000),
-        acquisitionSystemInformation=xsd.acquisitionSystemInformationType(receiverChannels=coils),
-        encoding=[encoding])
-    return xsd.ToXML(header)
+    return header_for(coils, ny, nx, slices=slices)
 
 
 def make_line(ky: int, slice_: int = 0, coils: int = COILS, samples: int = NX, last: bool = False,

@@ -28,28 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ismrmrd
-import ismrmrd.xsd as xsd
 import numpy as np
 
 from gadgets import protocol
+from tools.kspace_stream import header_for
 
 NX = NY = 16
 COILS = 2
 
 
 def make_header(nx: int = NX, ny: int = NY, coils: int = COILS) -> str:
-    def space():
-        return xsd.encodingSpaceType(matrixSize=xsd.matrixSizeType(x=nx, y=ny, z=1),
-                                     fieldOfView_mm=xsd.fieldOfViewMm(x=256.0, y=256.0, z=5.0))
-
-    limits = xsd.encodingLimitsType(kspace_encoding_step_1=xsd.limitType(minimum=0, maximum=ny - 1, center=ny // 2),
-                                    slice=xsd.limitType(minimum=0, maximum=0, center=0))
-    encoding = xsd.encodingType(encodedSpace=space(), reconSpace=space(), encodingLimits=limits,
-                                trajectory=xsd.trajectoryType.CARTESIAN)
-    return xsd.ToXML(xsd.ismrmrdHeader(
-        experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=63500000),
-        acquisitionSystemInformation=xsd.acquisitionSystemInformationType(receiverChannels=coils),
-        encoding=[encoding]))
+    return header_for(coils, ny, nx)
 
 
 def make_line(ky: int, last: bool = False, traj_dims: int = 0) -> ismrmrd.Acquisition:

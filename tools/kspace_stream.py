@@ -10,13 +10,14 @@ import ismrmrd.xsd as xsd
 import numpy as np
 
 
-def header_for(coils: int, ny: int, nx: int, fov_mm=(256.0, 256.0, 5.0)) -> str:
+def header_for(coils: int, ny: int, nx: int, fov_mm=(256.0, 256.0, 5.0), slices: int = 1) -> str:
+    """A minimal valid Cartesian header: encoded = recon matrix, ky limits 0..ny-1 around ny // 2."""
     def space():
         return xsd.encodingSpaceType(matrixSize=xsd.matrixSizeType(x=nx, y=ny, z=1),
                                      fieldOfView_mm=xsd.fieldOfViewMm(x=fov_mm[0], y=fov_mm[1], z=fov_mm[2]))
 
     limits = xsd.encodingLimitsType(kspace_encoding_step_1=xsd.limitType(minimum=0, maximum=ny - 1, center=ny // 2),
-                                    slice=xsd.limitType(minimum=0, maximum=0, center=0))
+                                    slice=xsd.limitType(minimum=0, maximum=slices - 1, center=0))
     encoding = xsd.encodingType(encodedSpace=space(), reconSpace=space(), encodingLimits=limits,
                                 trajectory=xsd.trajectoryType.CARTESIAN)
     header = xsd.ismrmrdHeader(
