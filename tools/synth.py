@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 NATURAL_IMAGES = ("camera", "brick", "grass", "gravel", "moon", "coffee", "astronaut", "retina",
                   "text", "page", "coins", "cell", "chelsea", "hubble_deep_field", "rocket",
-                  "horse", "motorcycle_left", "clock")
+                  "horse", "clock")
 PHANTOM_IMAGES = ("shepp_logan_phantom",)
 IMAGE_SIZE = 512
 
@@ -81,7 +81,7 @@ def ifftc(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 _IMAGE_CACHE: dict = {}
 
 
-def load_images(names=NATURAL_IMAGES + PHANTOM_IMAGES, size: int = IMAGE_SIZE) -> np.ndarray:
+def load_images(names=NATURAL_IMAGES, size: int = IMAGE_SIZE) -> np.ndarray:
     """Grey-scale images bundled in the scikit-image wheel, [N, size, size] float32 in [0, 1]."""
     key = (tuple(names), size)
     if key not in _IMAGE_CACHE:
@@ -317,9 +317,10 @@ class Synthesizer:
         self.cfg = cfg or SynthConfig()
         self.device = torch.device(device)
         self.gen = torch.Generator().manual_seed(seed)   # CPU generator: same draws on any device
-        images = load_images()
+        natural, phantoms = load_images(NATURAL_IMAGES), load_images(PHANTOM_IMAGES)
+        images = np.concatenate([natural, phantoms])                       # phantoms last
         self.images = torch.from_numpy(images)[:, None].to(self.device)   # [N, 1, S, S]
-        self.n_natural = len(images) - len(PHANTOM_IMAGES)
+        self.n_natural = len(natural)
 
     def _rand(self, *shape):
         return torch.rand(*shape, generator=self.gen).to(self.device)

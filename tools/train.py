@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument("--steps", type=int, default=None, help="override the total step count")
     parser.add_argument("--device", default=None, help="auto (CUDA when present), cpu, cuda")
+    parser.add_argument("--init", default=None,
+                        help="start from this checkpoint's weights (fresh optimiser and schedule)")
     parser.add_argument("--time-limit-min", type=float, default=None,
                         help="stop and checkpoint after this many minutes")
 
@@ -72,7 +74,7 @@ def evaluate(model, batches) -> dict:
 
 def train(cfg: dict, out: Path, resume: bool = False, steps: int | None = None,
           device_name: str | None = None, time_limit_min: float | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, init: str | None = None) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -111,6 +113,8 @@ def train(cfg: dict, out: Path, resume: bool = False, steps: int | None = None,
     step, best, elapsed_before = 0, float("inf"), 0.0
     last_path, best_path = out / "last.pt", out / "best.pt"
     synth = Synthesizer(synth_cfg, device=device, seed=seed)
+    if init and not (resume and last_path.exists()):
+        model.load_state_dict(torch.load(init, map_location=device, weights_only=False)["model"])
     if resume and last_path.exists():
         state = torch.load(last_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
@@ -189,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     result = train(cfg, out, resume=args.resume, steps=args.steps, device_name=args.device,
-                   time_limit_min=args.time_limit_min)
+                   time_limit_min=args.time_limit_min, init=args.init)
     print(json.dumps(result))
     return 0
 
