@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     failures = 0
     try:
         for chain in chains:
-            print(f"3/3 replaying {raw_path} through chain '{chain}'")
+            print(f"3/3 replaying {raw_path} through chain '{chain}' ({chains.index(chain) + 1} of {len(chains)})")
             result = replay(raw_path, "127.0.0.1", port, chain, realtime=args.realtime, verbose=True,
                             progress=True)
             if result.error or result.errors or not result.closed:
