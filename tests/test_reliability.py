@@ -279,6 +279,8 @@ def test_client_that_does_not_read_its_images(make_server):
     sender = threading.Thread(target=lambda: _quiet(sock.sendall, payload), daemon=True)
     started = time.monotonic()
     sender.start()
+    while not slow.sessions and time.monotonic() - started < 10:  # the session thread is registered
+        time.sleep(0.01)
     while slow.sessions and time.monotonic() - started < 30:
         time.sleep(0.1)
     elapsed = time.monotonic() - started

@@ -18,7 +18,7 @@ import pytest
 
 from gadgets import protocol
 from gadgets.client import read_raw, replay
-from tools.kspace_stream import header_for
+from tools.kspace_stream import cartesian_line, header_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,16 +37,7 @@ def make_line(ky: int, slice_: int = 0, coils: int = COILS, samples: int = NX, l
     if data is None:
         rng = np.random.default_rng(1000 * slice_ + ky)
         data = (rng.standard_normal((coils, samples)) + 1j * rng.standard_normal((coils, samples)))
-    acquisition = ismrmrd.Acquisition.from_array(np.asarray(data, dtype=np.complex64),
-                                                 center_sample=samples // 2, scan_counter=counter)
-    acquisition.idx.kspace_encode_step_1 = ky
-    acquisition.idx.slice = slice_
-    acquisition.read_dir[:] = (1.0, 0.0, 0.0)
-    acquisition.phase_dir[:] = (0.0, 1.0, 0.0)
-    acquisition.slice_dir[:] = (0.0, 0.0, 1.0)
-    if last:
-        acquisition.set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
-    return acquisition
+    return cartesian_line(np.asarray(data), ky, slice_, counter, last)
 
 
 def make_slice(slice_: int = 0, last_flag: bool = True, lines: int = NY, first_counter: int = 0):

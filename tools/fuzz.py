@@ -31,7 +31,7 @@ import ismrmrd
 import numpy as np
 
 from gadgets import protocol
-from tools.kspace_stream import header_for
+from tools.kspace_stream import cartesian_line, header_for
 
 NX = NY = 16
 COILS = 2
@@ -44,17 +44,11 @@ def make_header(nx: int = NX, ny: int = NY, coils: int = COILS) -> str:
 def make_line(ky: int, last: bool = False, traj_dims: int = 0) -> ismrmrd.Acquisition:
     rng = np.random.default_rng(ky)
     data = (rng.standard_normal((COILS, NX)) + 1j * rng.standard_normal((COILS, NX))).astype(np.complex64)
-    acquisition = ismrmrd.Acquisition.from_array(data, center_sample=NX // 2, scan_counter=ky)
+    acquisition = cartesian_line(data, ky, counter=ky, last=last)
     if traj_dims:
         acquisition.resize(NX, COILS, traj_dims)
         acquisition.data[:] = data
         acquisition.traj[:] = rng.standard_normal((NX, traj_dims)).astype(np.float32)
-    acquisition.idx.kspace_encode_step_1 = ky
-    acquisition.read_dir[:] = (1.0, 0.0, 0.0)
-    acquisition.phase_dir[:] = (0.0, 1.0, 0.0)
-    acquisition.slice_dir[:] = (0.0, 0.0, 1.0)
-    if last:
-        acquisition.set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
     return acquisition
 
 

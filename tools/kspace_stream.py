@@ -33,15 +33,22 @@ def acquisitions_from_kspace(kspace: np.ndarray, mask: np.ndarray, fov_mm=(256.0
     lines = np.flatnonzero(np.asarray(mask) > 0.5)
     acquisitions = []
     for number, ky in enumerate(lines):
-        acquisition = ismrmrd.Acquisition.from_array(np.ascontiguousarray(kspace[:, ky, :], dtype=np.complex64))
-        acquisition.scan_counter = number
-        acquisition.center_sample = nx // 2
-        acquisition.idx.kspace_encode_step_1 = int(ky)
-        acquisition.read_dir[:] = (1.0, 0.0, 0.0)
-        acquisition.phase_dir[:] = (0.0, 1.0, 0.0)
-        acquisition.slice_dir[:] = (0.0, 0.0, 1.0)
+        acquisition = cartesian_line(kspace[:, ky, :], int(ky), counter=number, last=number == len(lines) - 1)
         acquisition.acquisition_time_stamp = number * 4  # 10 ms per line in 2.5 ms ticks
-        if number == len(lines) - 1:
-            acquisition.set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
         acquisitions.append(acquisition)
     return header_for(coils, ny, nx, fov_mm), acquisitions
+
+
+def cartesian_line(data: np.ndarray, ky: int, slice_: int = 0, counter: int = 0,
+                   last: bool = False) -> ismrmrd.Acquisition:
+    """One axial Cartesian line [coils, samples] at ky, echo in the middle of the readout."""
+    acquisition = ismrmrd.Acquisition.from_array(np.ascontiguousarray(data, dtype=np.complex64),
+                                                 center_sample=data.shape[1] // 2, scan_counter=counter)
+    acquisition.idx.kspace_encode_step_1 = ky
+    acquisition.idx.slice = slice_
+    acquisition.read_dir[:] = (1.0, 0.0, 0.0)
+    acquisition.phase_dir[:] = (0.0, 1.0, 0.0)
+    acquisition.slice_dir[:] = (0.0, 0.0, 1.0)
+    if last:
+        acquisition.set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
+    return acquisition
