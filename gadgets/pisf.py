@@ -45,19 +45,30 @@ def available_providers(requested) -> list[str]:
     return chosen + ["CPUExecutionProvider"]
 
 
+def provider_options(providers: list[str], fp16: bool) -> list:
+    """(name, options) pairs; fp16 is a TensorRT build option (CUDA and CPU run the fp32 graph)."""
+    return [(name, {"trt_fp16_enable": True} if fp16 and name == "TensorrtExecutionProvider" else {})
+            for name in providers]
+
+
 def shared_reconstructor(model: str | Path, providers=DEFAULT_PROVIDERS, threads: int = 0,
-                         max_rows_per_run: int = 0) -> PisfReconstructor:
-    """The process-wide session for this model and settings, created (and warmed up) once."""
+                         max_rows_per_run: int = 0, io_binding: bool | str = "auto",
+                         fp16: bool = False) -> PisfReconstructor:
+    """The process-wide session for this model and settings, created (and warmed up) once.
+
+    io_binding "auto": on when a GPU provider is in use (saves host/device copies)."""
     path = resolve_model(model)
     chosen = available_providers(providers)
-    key = (str(path), tuple(chosen), int(threads), int(max_rows_per_run))
+    if io_binding == "auto":
+        io_binding = chosen[0] != "CPUExecutionProvider"
+    key = (str(path), tuple(chosen), int(threads), int(max_rows_per_run), bool(io_binding), bool(fp16))
     with _sessions_lock:
         reconstructor = _sessions.get(key)
         if reconstructor is None:
             started = time.perf_counter()
             try:
-                reconstructor = PisfReconstructor(path, providers=chosen, threads=threads,
-                                                  max_rows_per_run=max_rows_per_run)
+                reconstructor = PisfReconstructor(path, providers=provider_options(chosen, fp16), threads=threads,
+                                                  max_rows_per_run=max_rows_per_run, io_binding=bool(io_binding))
             except Exception as exc:  # onnxruntime reports corrupt files with its own types
                 raise RuntimeError(f"PISF model {path.name} could not be loaded: {exc}") from None
             _warm_up(reconstructor)
@@ -91,7 +102,8 @@ class PisfRecon:
 
     def __init__(self, context: StreamContext, model: str = "pisf_fast.onnx",
                  providers: list[str] | tuple[str, ...] = DEFAULT_PROVIDERS, threads: int = 0,
-                 max_rows_per_run: int = 0, acs_as_data: str | bool = "auto"):
+                 max_rows_per_run: int = 0, acs_as_data: str | bool = "auto", io_binding: bool | str = "auto",
+                 fp16: bool = False):
         self.context = context
         # Embedded ACS lines are measured k-space of this very slice: data consistency should keep
         # them. Separate or interleaved references may differ (resolution, time), so by default
@@ -99,14 +111,15 @@ class PisfRecon:
         if acs_as_data == "auto":
             acs_as_data = calibration_mode(context.header) == "embedded"
         self.acs_as_data = bool(acs_as_data)
-        self.reconstructor = shared_reconstructor(model, providers, threads, max_rows_per_run)
+        self.reconstructor = shared_reconstructor(model, providers, threads, max_rows_per_run, io_binding, fp16)
         self.model_name = resolve_model(model).name
         self.provider = self.reconstructor.session.get_providers()[0]
 
     @staticmethod
     def warm_up(model: str = "pisf_fast.onnx", providers=DEFAULT_PROVIDERS, threads: int = 0,
-                max_rows_per_run: int = 0, **_ignored) -> None:
-        shared_reconstructor(model, providers, threads, max_rows_per_run)
+                max_rows_per_run: int = 0, io_binding: bool | str = "auto", fp16: bool = False,
+                **_ignored) -> None:
+        shared_reconstructor(model, providers, threads, max_rows_per_run, io_binding, fp16)
 
     def __call__(self, items):
         for item in items:
