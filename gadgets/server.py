@@ -33,9 +33,11 @@ _END = object()
 _ABORT = object()  # the client is gone: open slices are dropped, not flushed
 
 
-class _StreamAborted(Exception):
-    pass
 _connection_ids = itertools.count(1)
+
+
+class _StreamAborted(Exception):
+    """Raised inside the chain's input when the client is gone: open slices are not flushed."""
 
 
 class _Sender:
@@ -352,10 +354,9 @@ class ReconServer:
             error = f"connection error: {exc}"
             sender.peer_gone = True
         if runner is not None:
-            # A normal end flushes open slices (nothing received is lost); after an error only the
-            # slices completed before it are reconstructed, not the one the bad data broke into.
-            # Open slices are flushed (with a warning) while the client can still receive them;
-            # for a client that is gone they are dropped instead of computed for nobody.
+            # Open slices are flushed (with a warning), also before an error is reported, while the
+            # client can still receive them; for a client that is gone (or that stopped sending
+            # mid-frame or without CLOSE) they are dropped instead of computed for nobody.
             runner.finish(abort=abort or sender.peer_gone)
             error = error or runner.error
             if runner.error and runner.error != error:
