@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gadgets.chain import ChainRepository
 from gadgets.server import ReconServer
@@ -41,3 +42,12 @@ def siemens_raw() -> Path:
     if not SIEMENS_RAW.is_file():
         pytest.skip("../shared/data is absent")
     return SIEMENS_RAW
+
+
+def shipped_chain_text(name: str, **overrides: dict) -> str:
+    """A shipped chain (config/NAME.yaml) as CONFIG_TEXT, with `gadget={parameter: value}` overrides."""
+    chain = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
+    for stage in chain["stages"]:
+        stage.update(overrides.get(stage["gadget"], {}))
+    chain["name"] = f"{name}-test"
+    return yaml.safe_dump(chain)

@@ -5,22 +5,13 @@ import ismrmrd
 import numpy as np
 import pytest
 
+from conftest import shipped_chain_text
 from gadgets.client import replay
 
 pytestmark = pytest.mark.timeout(120)
 
-FIRE_CHAIN = """
-name: zerofill_fire
-stages:
-  - gadget: noise_prewhitening
-  - gadget: remove_oversampling
-  - gadget: slice_accumulator
-  - gadget: zerofill_recon
-  - gadget: image_finish
-    fire: true
-    sequence_description_additional: PISF_ZF
-    series_index: 3
-"""
+FIRE_CHAIN = shipped_chain_text("zerofill", image_finish={
+    "fire": True, "sequence_description_additional": "PISF_ZF", "series_index": 3})
 
 
 def test_fire_output_is_int16_with_console_meta(server, shepp_logan_raw):

@@ -7,7 +7,7 @@ import pytest
 from gadgets.client import replay
 from gadgets.coils import root_sum_of_squares
 from gadgets.pisf_infer import PisfReconstructor, kspace_from_coil_images
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, shipped_chain_text
 from tools.evaluate import CENTRE_FRACTIONS, fastmri_mask, load_phantom
 from tools.kspace_stream import acquisitions_from_kspace
 from tools.metrics import psnr, scale_match
@@ -16,19 +16,8 @@ SHIPPED = REPO / "models" / "pisf_fast.onnx"
 
 
 def float_pisf_chain(model) -> str:
-    return f"""
-name: pisf-float
-stages:
-  - gadget: noise_prewhitening
-  - gadget: remove_oversampling
-  - gadget: slice_accumulator
-  - gadget: pisf_recon
-    model: {model}
-    threads: 1
-  - gadget: image_finish
-    data_type: float
-    scale: 1.0
-"""
+    return shipped_chain_text("pisf", pisf_recon={"model": str(model), "threads": 1},
+                              image_finish={"data_type": "float", "scale": 1.0})
 
 
 @pytest.mark.parametrize("kind", ["equispaced", "random"])

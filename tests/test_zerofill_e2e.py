@@ -4,21 +4,12 @@ from __future__ import annotations
 import ismrmrd
 import numpy as np
 
+from conftest import shipped_chain_text
 from gadgets.client import read_raw, replay
 
-# The zerofill chain with float output and unit scale, sent as CONFIG_TEXT (YAML), so pixel values
-# can be compared with an independent reconstruction.
-FLOAT_ZEROFILL = """
-name: zerofill-float
-stages:
-  - gadget: noise_prewhitening
-  - gadget: remove_oversampling
-  - gadget: slice_accumulator
-  - gadget: zerofill_recon
-  - gadget: image_finish
-    data_type: float
-    scale: 1.0
-"""
+# The zerofill chain with float output and unit scale, sent as CONFIG_TEXT, so pixel values can be
+# compared with an independent reconstruction.
+FLOAT_ZEROFILL = shipped_chain_text("zerofill", image_finish={"data_type": "float", "scale": 1.0})
 
 
 def independent_zero_filled(path, repetition=0):
