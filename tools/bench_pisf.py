@@ -1,6 +1,6 @@
 """Latency of the PISF inference core on one 256x256x8 slice (numpy + onnxruntime CPU).
 
-    python -m tools.bench_pisf models/pisf_fast.onnx [--threads 2] [--repeats 10]
+    pisf bench-model models/pisf_fast.onnx [--threads 2 1] [--repeats 10]
 
 Times `PisfReconstructor.reconstruct` end to end (compression, normalisation, FFTs, the ONNX
 run over all 256 rows, RSS) and the ONNX run alone; prints JSON (median and min seconds).
@@ -42,17 +42,14 @@ def bench(model_path: str, threads: int = 2, repeats: int = 10, size: int = 256,
             "onnx_min_s": float(np.min(onnx_only)), "repeats": repeats}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.bench_pisf")
-    parser.add_argument("models", nargs="+")
-    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("models", nargs="+", help="ONNX models")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="onnxruntime thread counts")
     parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     for model in args.models:
         for threads in args.threads:
             print(json.dumps(bench(model, threads, args.repeats)), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "export": ("tools.export", "export a PISF checkpoint to ONNX (with a parity check)"),
     "evaluate": ("tools.evaluate", "PISF vs zero-filled vs BART l1-ESPIRiT on the real data"),
     "bench": ("tools.bench", "latency, throughput and memory of the server per chain, BART beside it"),
+    "bench-model": ("tools.bench_pisf", "offline latency of the PISF inference core per model and thread count"),
     "dicom": ("tools.dicom", "convert ISMRMRD images (pisf replay --out) to DICOM MR series"),
     "fuzz": ("tools.fuzz", "fuzz the protocol reader and a live server with mutated frames"),
     "gadgetron-worker": ("gadgets.worker", "persistent external-gadget process for <external><connect>"),
