@@ -45,16 +45,15 @@ class SliceAccumulator:
     def __init__(self, context: StreamContext):
         self.context = context
         enc = context.encoding
+        self.encoding = enc
         self.ny, self.nz = enc.encoded_matrix[1], enc.encoded_matrix[2]
-        self.ky_min, self.ky_max, self.ky_centre = enc.ky_limits
-        self.kz_min, self.kz_max, self.kz_centre = enc.kz_limits
+        self.ky_min, self.ky_max, _ = enc.ky_limits
         self.open: dict[SliceKey, _OpenSlice] = {}
 
     def _position(self, acquisition: ismrmrd.Acquisition) -> tuple[int, int, int]:
         """(kz, ky, first kx) of a line in the buffer, or InputError when it does not fit."""
         step1, step2 = acquisition.idx.kspace_encode_step_1, acquisition.idx.kspace_encode_step_2
-        ky = step1 - self.ky_centre + self.ny // 2
-        kz = step2 - self.kz_centre + self.nz // 2 if self.nz > 1 else 0
+        ky, kz = self.encoding.ky_row(step1), self.encoding.kz_plane(step2)
         if not (self.ky_min <= step1 <= self.ky_max) or not 0 <= ky < self.ny:
             raise InputError(f"acquisition {acquisition.scan_counter} has kspace_encode_step_1 = {step1}, outside "
                              f"the encoding limits {self.ky_min}..{self.ky_max} of the header")
@@ -120,8 +119,7 @@ class SliceAccumulator:
         return None
 
     def _fully_sampled(self, open_slice: _OpenSlice) -> bool:
-        lo = self.ky_min - self.ky_centre + self.ny // 2
-        hi = self.ky_max - self.ky_centre + self.ny // 2
+        lo, hi = self.encoding.ky_row(self.ky_min), self.encoding.ky_row(self.ky_max)
         return bool(open_slice.sampled[:, lo:hi + 1].all())
 
     @staticmethod

@@ -26,6 +26,16 @@ class Encoding:
     receiver_channels: int | None
     acceleration: int
 
+    def ky_row(self, step1: int) -> int:
+        """Buffer row of kspace_encode_step_1: the encoding-limit centre lands on the matrix centre,
+        so partial-Fourier lines keep their place."""
+        return step1 - self.ky_limits[2] + self.encoded_matrix[1] // 2
+
+    def kz_plane(self, step2: int) -> int:
+        """Buffer plane of kspace_encode_step_2 (0 for 2D encodings)."""
+        nz = self.encoded_matrix[2]
+        return step2 - self.kz_limits[2] + nz // 2 if nz > 1 else 0
+
     @staticmethod
     def from_header(header) -> "Encoding":
         if not header.encoding:

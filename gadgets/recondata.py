@@ -57,9 +57,8 @@ class ReconDataAdapter:
 
     def __init__(self, context: StreamContext):
         self.context = context
-        enc = context.encoding
-        self.ny, self.nz = enc.encoded_matrix[1], enc.encoded_matrix[2]
-        self.ky_centre, self.kz_centre = enc.ky_limits[2], enc.kz_limits[2]
+        self.encoding = context.encoding
+        self.ny, self.nz = self.encoding.encoded_matrix[1], self.encoding.encoded_matrix[2]
 
     def __call__(self, items: Iterable) -> Iterator:
         for item in items:
@@ -71,8 +70,9 @@ class ReconDataAdapter:
                 yield from self._slices(bit, arrival)
 
     def _target(self, header) -> tuple[int, int]:
-        ky = int(header.idx.kspace_encode_step_1) - self.ky_centre + self.ny // 2
-        kz = int(header.idx.kspace_encode_step_2) - self.kz_centre + self.nz // 2 if self.nz > 1 else 0
+        # the same placement rule as SliceAccumulator, so both sides buffer identically
+        ky = self.encoding.ky_row(int(header.idx.kspace_encode_step_1))
+        kz = self.encoding.kz_plane(int(header.idx.kspace_encode_step_2))
         if not (0 <= ky < self.ny and 0 <= kz < self.nz):
             raise InputError(f"ReconData line with kspace_encode_step_1 {header.idx.kspace_encode_step_1} / step_2 "
                              f"{header.idx.kspace_encode_step_2} lies outside the encoded matrix of the header")
