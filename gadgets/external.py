@@ -102,7 +102,6 @@ def chain(connection) -> None:
     run_chain(connection, None)
 
 
-
 def pisf_buffers(connection) -> None:
     """PISF on Gadgetron ReconData buffers (after NoiseAdjust, RemoveROOversampling,
     AcquisitionAccumulateTrigger, BucketToBuffer)."""
