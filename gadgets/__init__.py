@@ -1,4 +1,6 @@
-"""Runtime of the inline recon server: protocol, stream stages (gadgets), chains, server, client.
+"""Runtime of the inline recon server: the stream stages (gadgets) and the chain machinery here;
+numerical cores in `numerics/`, protocol, server and replay client in `wire/`, Gadgetron
+integration in `gadgetron_external/`, output formats in `formats/`.
 
 Needs numpy, ismrmrd, onnxruntime and pyyaml only; never torch.
 """

@@ -173,12 +173,14 @@ def _chain_from_gadgetron_xml(text: str, origin: str, repository: "ChainReposito
         # buffers itself) the same chain runs on the acquisitions.
         if target.endswith("_buffers"):
             target = target[:-len("_buffers")]
-        # as in gadgets.external.run_chain: a `chain` property names the chain for every target
+        # as in gadgets.gadgetron_external.targets.run_chain: a `chain` property names the chain
+        # for every target
         spec = repository.load(properties.get("chain", target))
         apply_overrides(spec, properties)
         return spec
     raise ConfigError(f"{origin}: this Gadgetron XML chain runs none of our targets "
-                      f"(expected <execute name=\"gadgets.external\" target=\"CHAIN\" type=\"python\"/>)")
+                      f"(expected <execute name=\"gadgets.gadgetron_external.targets\" target=\"CHAIN\" "
+                      f"type=\"python\"/>)")
 
 
 class ChainRepository:

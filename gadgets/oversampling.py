@@ -5,7 +5,7 @@ import ismrmrd
 import numpy as np
 
 from .context import InputError, StreamContext
-from .fft import fftc, ifftc
+from .numerics.fft import fftc, ifftc
 
 
 class RemoveOversampling:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .context import InputError, StreamContext
 from .items import KSpaceSlice, ReconImage
-from .pisf_infer import PisfReconstructor
+from .numerics.pisf_inference import PisfReconstructor
 
 log = logging.getLogger("pisf.gadget")
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"

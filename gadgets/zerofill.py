@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from .context import StreamContext
-from .coils import root_sum_of_squares
-from .fft import ifftc
+from .numerics.coils import root_sum_of_squares
+from .numerics.fft import ifftc
 from .items import KSpaceSlice, ReconImage
 
 

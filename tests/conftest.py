@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from gadgets.chain import ChainRepository
-from gadgets.server import ReconServer
+from gadgets.wire.server import ReconServer
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -1,4 +1,4 @@
-"""DICOM export: geometry, UIDs, windowing, series naming (gadgets/dicom.py, `pisf dicom`)."""
+"""DICOM export: geometry, UIDs, windowing, series naming (gadgets/formats/dicom.py, `pisf dicom`)."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +8,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from gadgets.client import ReceivedImage, ReplayResult, write_images
-from gadgets.dicom import geometry, write_dicom
+from gadgets.formats.dicom import geometry, write_dicom
+from gadgets.wire.client import ReceivedImage, ReplayResult, write_images
 from tools import cli
 
 pytestmark = pytest.mark.timeout(60)

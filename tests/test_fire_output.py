@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import shipped_chain_text
-from gadgets.client import replay
+from gadgets.wire.client import replay
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gadgets import protocol
+from gadgets.wire import protocol
 from tools import fuzz
 
 pytestmark = pytest.mark.timeout(120)

@@ -29,11 +29,11 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from gadgets import protocol
 from gadgets.chain import ChainRepository, run_stages
-from gadgets.client import read_raw, replay
 from gadgets.context import StreamContext, parse_header
 from gadgets.items import SliceKey
+from gadgets.wire import protocol
+from gadgets.wire.client import read_raw, replay
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "config"
@@ -291,8 +291,8 @@ def test_buffers_chain_matches_the_embedded_server(server, shepp_logan_raw, tmp_
 
 def test_recon_data_adapter_places_lines_like_the_accumulator(shepp_logan_raw):
     from gadgets.accumulate import SliceAccumulator
+    from gadgets.gadgetron_external.recondata import ReconDataAdapter
     from gadgets.items import KSpaceSlice
-    from gadgets.recondata import ReconDataAdapter
 
     header, acquisitions = read_raw(shepp_logan_raw)
     recon_data = bucket_to_buffer(header, acquisitions)

@@ -1,9 +1,9 @@
 """Our external-gadget targets driven by gadgetron-python's own Connection, launched as Gadgetron does.
 
 The test plays Gadgetron: it binds a loopback port, runs `python -m gadgetron <port>
-gadgets.external zerofill`, accepts the connection, sends CONFIG (id 2, the <configuration>
-element), HEADER (id 3), the acquisitions (id 1008) and CLOSE, and reads back what the Python
-side sends (images 1022, ERROR 8, CLOSE 4).
+gadgets.gadgetron_external.targets zerofill`, accepts the connection, sends CONFIG (id 2, the
+<configuration> element), HEADER (id 3), the acquisitions (id 1008) and CLOSE, and reads back
+what the Python side sends (images 1022, ERROR 8, CLOSE 4).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from gadgets import protocol
-from gadgets.client import read_raw, replay
+from gadgets.wire import protocol
+from gadgets.wire.client import read_raw, replay
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(90)
@@ -39,7 +39,8 @@ class FakeGadgetron:
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         self.log_path = (tmp_path or Path(".")) / f"external_{port}.log"
         self.log = open(self.log_path, "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "gadgetron", str(port), "gadgets.external", target],
+        self.process = subprocess.Popen([sys.executable, "-m", "gadgetron", str(port),
+                                         "gadgets.gadgetron_external.targets", target],
                                         cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.sock: socket.socket | None = None
 

@@ -10,9 +10,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gadgets.coils import coil_compression_matrix, compress, normalisation_scale  # noqa: E402
-from gadgets.fft import fftc, ifftc  # noqa: E402
-from gadgets.pisf_infer import calibration_lines, zero_filled  # noqa: E402
+from gadgets.numerics.coils import coil_compression_matrix, compress, normalisation_scale  # noqa: E402
+from gadgets.numerics.fft import fftc, ifftc  # noqa: E402
+from gadgets.numerics.pisf_inference import calibration_lines, zero_filled  # noqa: E402
 from models.pisf_net import PisfConfig, PisfNet, macs_per_pixel, parameter_count  # noqa: E402
 from tools import synth  # noqa: E402
 
@@ -184,15 +184,15 @@ def test_onnx_export_parity(tmp_path):
 
 
 def test_runtime_modules_do_not_import_torch():
-    code = ("import sys; import gadgets.pisf_infer, tools.train, tools.export, tools.evaluate, "
-            "tools.metrics; assert 'torch' not in sys.modules, 'torch imported'")
+    code = ("import sys; import gadgets.numerics.pisf_inference, tools.train, tools.export, "
+            "tools.evaluate, tools.metrics; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 # ----------------------------------------------------------------------------- shipped model
 @pytest.mark.skipif(not SHIPPED_MODEL.exists(), reason="models/pisf_fast.onnx not shipped")
 def test_shipped_model_beats_zero_filling_on_a_simulated_slice():
-    from gadgets.pisf_infer import PisfReconstructor
+    from gadgets.numerics.pisf_inference import PisfReconstructor
     from tools.metrics import psnr, scale_match
     recon = PisfReconstructor(SHIPPED_MODEL, threads=1)
     gains = []

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from gadgets import pisf as pisf_gadget
-from gadgets.client import replay
 from gadgets.context import StreamContext
-from gadgets.pisf_infer import PisfReconstructor
+from gadgets.numerics.pisf_inference import PisfReconstructor
+from gadgets.wire.client import replay
 from tools.metrics import psnr, scale_match
 from tools.simulate import simulate
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gadgets.client import replay
-from gadgets.coils import root_sum_of_squares
-from gadgets.pisf_infer import PisfReconstructor, kspace_from_coil_images
+from gadgets.numerics.coils import root_sum_of_squares
+from gadgets.numerics.pisf_inference import PisfReconstructor, kspace_from_coil_images
+from gadgets.wire.client import replay
 from conftest import REPO, SHARED_DATA, shipped_chain_text
 from tools.evaluate import CENTRE_FRACTIONS, fastmri_mask, load_phantom
 from tools.kspace_stream import acquisitions_from_kspace

@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 
 from gadgets import chain as chain_module
-from gadgets import protocol
 from gadgets.chain import ChainRepository, ConfigError, safe_xml
-from gadgets.client import replay
 from gadgets.items import KSpaceSlice
-from gadgets.server import ReconServer
+from gadgets.wire import protocol
+from gadgets.wire.client import replay
+from gadgets.wire.server import ReconServer
 from test_server_errors import (COILS, NX, NY, assert_error, assert_still_serving, connect, converse, frames,
                                 images, make_header, make_line, make_slice, preamble, read_until_close, texts)
 
@@ -422,7 +422,8 @@ def test_config_symlink_out_of_the_config_dir_is_refused(tmp_path, make_server):
 BILLION_LAUGHS = ('<?xml version="1.0"?>\n<!DOCTYPE lolz [\n <!ENTITY lol "lol">\n'
                   + "".join(f' <!ENTITY lol{i} "{("&lol%s;" % (i - 1 if i > 1 else "")) * 10}">\n'
                             for i in range(1, 10))
-                  + ']>\n<configuration><stream><external><execute name="gadgets.external" target="zerofill"/>'
+                  + ']>\n<configuration><stream><external>'
+                    '<execute name="gadgets.gadgetron_external.targets" target="zerofill"/>'
                     '<configuration><property name="x" value="&lol9;"/></configuration></external></stream>'
                     '</configuration>')
 
@@ -454,7 +455,7 @@ def test_billion_laughs_and_external_entity_in_the_header(server):
 def test_binds_loopback_unless_told():
     import inspect
 
-    from gadgets import server as server_module
+    from gadgets.wire import server as server_module
     from tools.cli import build_parser
 
     assert inspect.signature(ReconServer).parameters["host"].default == "127.0.0.1"
@@ -500,7 +501,7 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
 
 
 def test_tls(tmp_path, make_server):
-    from gadgets.server import server_ssl_context
+    from gadgets.wire.server import server_ssl_context
 
     cert, key = _self_signed(tmp_path)
     secure = make_server(ssl_context=server_ssl_context(cert, key))
@@ -536,7 +537,7 @@ def test_tls_is_off_by_default():
 # ============================================================== 4. load
 
 def test_eight_concurrent_scans_match_one_by_one(server, tmp_path):
-    from gadgets.client import read_raw
+    from gadgets.wire.client import read_raw
     from tools.simulate import simulate
 
     scans = []

@@ -16,8 +16,8 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from gadgets import protocol
-from gadgets.client import read_raw, replay
+from gadgets.wire import protocol
+from gadgets.wire.client import read_raw, replay
 from tools.kspace_stream import cartesian_line, header_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -303,7 +303,7 @@ GADGETRON_XML = """<?xml version="1.0" encoding="UTF-8"?>
   <writers><writer><dll>gadgetron_core_writers</dll><classname>ImageWriter</classname></writer></writers>
   <stream>
     <external>
-      <execute name="gadgets.external" target="zerofill" type="python"/>
+      <execute name="gadgets.gadgetron_external.targets" target="zerofill" type="python"/>
       <configuration/>
     </external>
   </stream>

@@ -37,7 +37,7 @@ def kspace_of(acqs, slice_, phase, coils, ny, nx_enc):
 
 
 def ifft2c(k):
-    """Centred orthonormal inverse 2D FFT written out with numpy (not gadgets.fft)."""
+    """Centred orthonormal inverse 2D FFT written out with numpy (not gadgets.numerics.fft)."""
     axes = (-2, -1)
     return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=axes), norm="ortho"), axes=axes)
 

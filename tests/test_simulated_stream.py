@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gadgets.client import replay
+from gadgets.wire.client import replay
 from tools.metrics import psnr, scale_match
 from tools.simulate import simulate
 

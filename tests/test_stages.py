@@ -7,9 +7,9 @@ import pytest
 
 from gadgets.accumulate import SliceAccumulator
 from gadgets.context import InputError, StreamContext
-from gadgets.fft import fftc, ifftc
 from gadgets.items import KSpaceSlice, Notice
 from gadgets.noise import NoisePrewhitening
+from gadgets.numerics.fft import fftc, ifftc
 from gadgets.oversampling import RemoveOversampling
 
 

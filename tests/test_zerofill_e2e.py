@@ -5,7 +5,7 @@ import ismrmrd
 import numpy as np
 
 from conftest import shipped_chain_text
-from gadgets.client import read_raw, replay
+from gadgets.wire.client import read_raw, replay
 
 # The zerofill chain with float output and unit scale, sent as CONFIG_TEXT, so pixel values can be
 # compared with an independent reconstruction.

@@ -207,7 +207,7 @@ def warm_up_subset(acquisitions: list, slices: int = 2) -> list:
 def timed_replay(port: int, pid: int, header: str, acquisitions: list, chain: str, config_text: str | None,
                  realtime: bool = False, timeout_s: float = 600.0) -> dict:
     """One replay with wall time and peak server RSS; the images and failures it brought."""
-    from gadgets.client import replay
+    from gadgets.wire.client import replay
 
     sampler = RssSampler(pid)
     sampler.start()
@@ -267,9 +267,9 @@ def slices_from_raw(path: Path, wanted: int) -> tuple[list[np.ndarray], int]:
     noise-prewhitened, readout oversampling cropped in image space, every acquired line
     (imaging and ACS) in place; plus the ACS size (number of calibration lines per slice)."""
     import ismrmrd
-    from gadgets.client import read_raw
     from gadgets.context import parse_header
-    from gadgets.fft import fftc, ifftc
+    from gadgets.numerics.fft import fftc, ifftc
+    from gadgets.wire.client import read_raw
 
     header_text, acquisitions = read_raw(path)
     header = parse_header(header_text)
@@ -458,7 +458,7 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
               matrix: int = 256, coils: int = 8, accel: int = 4, acs: int = 24, use_shared: bool = True,
               bart_slices: int = 3, realtime: bool = False, realtime_slices: int = 50, tr_ms: float = 8.0,
               soak: int = 0, min_images: int = 10, soak_minutes: float = 0.0, log=print) -> dict:
-    from gadgets.client import read_raw
+    from gadgets.wire.client import read_raw
     from tools.simulate import simulate
 
     out = Path(out)

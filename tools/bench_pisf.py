@@ -16,7 +16,7 @@ import numpy as np
 
 def bench(model_path: str, threads: int = 2, repeats: int = 10, size: int = 256, coils: int = 8,
           acceleration: int = 4) -> dict:
-    from gadgets.pisf_infer import PisfReconstructor
+    from gadgets.numerics.pisf_inference import PisfReconstructor
 
     rng = np.random.default_rng(0)
     kspace = (rng.standard_normal((coils, size, size)) + 1j * rng.standard_normal((coils, size, size)))

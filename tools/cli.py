@@ -12,8 +12,8 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
-    "serve": ("gadgets.server", "run the embedded ISMRMRD streaming recon server"),
-    "replay": ("gadgets.client", "stream an ISMRMRD raw file to a server and collect the images"),
+    "serve": ("gadgets.wire.server", "run the embedded ISMRMRD streaming recon server"),
+    "replay": ("gadgets.wire.client", "stream an ISMRMRD raw file to a server and collect the images"),
     "simulate": ("tools.simulate", "write a physics-informed simulated ISMRMRD raw dataset"),
     "demo": ("tools.demo", "main job: serve + simulate + replay + quality against ground truth"),
     "train": ("tools.train", "train the PISF network on on-the-fly synthetic data"),
@@ -23,7 +23,8 @@ SUBCOMMANDS = {
     "bench-model": ("tools.bench_pisf", "offline latency of the PISF inference core per model and thread count"),
     "dicom": ("tools.dicom", "convert ISMRMRD images (pisf replay --out) to DICOM MR series"),
     "fuzz": ("tools.fuzz", "fuzz the protocol reader and a live server with mutated frames"),
-    "gadgetron-worker": ("gadgets.worker", "persistent external-gadget process for <external><connect>"),
+    "gadgetron-worker": ("gadgets.gadgetron_external.worker",
+                         "persistent external-gadget process for <external><connect>"),
 }
 
 

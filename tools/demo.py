@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from gadgets.chain import ChainRepository
-from gadgets.client import replay, summarise_latency, write_images, write_pngs
+from gadgets.wire.client import replay, summarise_latency, write_images, write_pngs
 
 
 def _free_port() -> int:

@@ -14,12 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gadgets.dicom import read_image_groups, write_dicom
+    from gadgets.formats.dicom import read_image_groups, write_dicom
 
     header = None
     if args.raw:
-        from gadgets.client import read_raw
         from gadgets.context import parse_header
+        from gadgets.wire.client import read_raw
 
         header = parse_header(read_raw(args.raw)[0])
     group, images = read_image_groups(args.images, args.group)

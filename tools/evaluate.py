@@ -149,9 +149,9 @@ def save_figure(path: Path, panels: list[list[np.ndarray]], labels: list[str]) -
 # ----------------------------------------------------------------------------- main
 def evaluate_all(model_path: str, data_dir: Path, out: Path, accelerations, lambdas, use_bart: bool,
                  threads: int = 1, seed: int = 0, reflect_average: bool = False) -> dict:
-    from gadgets.coils import root_sum_of_squares
-    from gadgets.fft import ifftc
-    from gadgets.pisf_infer import PisfReconstructor, kspace_from_coil_images, zero_filled
+    from gadgets.numerics.coils import root_sum_of_squares
+    from gadgets.numerics.fft import ifftc
+    from gadgets.numerics.pisf_inference import PisfReconstructor, kspace_from_coil_images, zero_filled
     from tools.metrics import all_metrics, foreground_mask, scale_match
 
     out.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 import ismrmrd
 import numpy as np
 
-from gadgets import protocol
+from gadgets.wire import protocol
 from tools.kspace_stream import cartesian_line, header_for
 
 NX = NY = 16
@@ -308,8 +308,8 @@ def _exchange(address, payload: bytes, timeout_s: float) -> tuple[str, list]:
 def fuzz_server(frames: int, seed: int, report: FuzzReport | None = None, io_timeout_s: float = 5.0) -> FuzzReport:
     """Fuzzed streams after a valid config + header, over loopback to an in-process server."""
     from gadgets.chain import ChainRepository
-    from gadgets.client import replay
-    from gadgets.server import ReconServer
+    from gadgets.wire.client import replay
+    from gadgets.wire.server import ReconServer
 
     report = report or FuzzReport()
     server = ReconServer("127.0.0.1", 0, ChainRepository(), io_timeout_s=io_timeout_s, max_connections=4)

@@ -6,7 +6,7 @@ stream, with the noise-free ground truth stored in the same HDF5 file under `/pi
 Model, in scanner coordinates (x = readout/LR, y = phase encode/AP, z = slice/HF; mm):
   head phantom (soft-edged tissue fractions) -> per-tissue spin-echo or spoiled-GRE signal
   (+ off-resonance phase and fat chemical-shift displacement) -> smooth background phase
-  -> loop-coil sensitivities (Biot-Savart) -> centred orthonormal 2D FFT (gadgets.fft.fftc)
+  -> loop-coil sensitivities (Biot-Savart) -> centred orthonormal 2D FFT (gadgets.numerics.fft.fftc)
   -> undersampling along ky -> correlated complex noise (one embedded noise readout first).
 
 Arrays are [.., y, x]: rows = phase encode, columns = readout, as the reconstructed images.
@@ -23,7 +23,7 @@ import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
 
-from gadgets.fft import fftc, ifftc
+from gadgets.numerics.fft import fftc, ifftc
 
 GAMMA_HZ_PER_T = 42.577478e6
 FAT_SHIFT_PPM = -3.4

@@ -3,7 +3,7 @@
 One batch is a set of small "slabs": each slab is `rows_per_slice` readout positions x spread over
 the whole field of view of one synthetic 2D slice, so per-slice quantities of the runtime (coil
 compression from the ACS lines of all rows, normalisation by the max of the zero-filled coil
-images of the slice) are computed over many rows together exactly as `gadgets/coils.py` does,
+images of the slice) are computed over many rows together exactly as `gadgets/numerics/coils.py` does,
 and individual rows see the realistic spread of energies (most rows have max < 1).
 
 Recipe per slice:
@@ -106,7 +106,8 @@ def load_images(names=NATURAL_IMAGES, size: int = IMAGE_SIZE) -> np.ndarray:
 # ----------------------------------------------------------------------------- masks
 def calibration_lines_torch(mask: torch.Tensor) -> torch.Tensor:
     """Boolean [B, ny]: the contiguous sampled run through the centre (the ACS block) when it has
-    >= 4 lines, otherwise every sampled line. Mirrors gadgets.pisf_infer.calibration_lines."""
+    >= 4 lines, otherwise every sampled line. Mirrors
+    gadgets.numerics.pisf_inference.calibration_lines."""
     ny = mask.shape[-1]
     sampled = mask > 0.5
     centre = ny // 2
@@ -249,7 +250,7 @@ def correlated_noise(shape, n_coils: torch.Tensor, gen: torch.Generator, device)
 def compression_matrices(hybrid: torch.Tensor, calibration: torch.Tensor, n_coils: torch.Tensor,
                          virtual_coils: int) -> torch.Tensor:
     """P [B, C, coils] = U[:, :C]^H of the calibration samples (rows x calibration ky), the
-    torch mirror of gadgets.coils.coil_compression_matrix (equal up to a phase per virtual
+    torch mirror of gadgets.numerics.coils.coil_compression_matrix (equal up to a phase per virtual
     coil, the SVD's own ambiguity). hybrid [B, coils, rows, ny]; calibration bool [B, ny]."""
     data = hybrid.to(torch.complex128) * calibration[:, None, None, :]
     covariance = torch.einsum("bcrk,bdrk->bcd", data, data.conj())   # A A^H: same U as svd(A)
@@ -270,7 +271,7 @@ def compress(hybrid: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
 
 
 def normalisation_scales(hybrid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Max |zero-filled coil image| per slice, [B]; mirrors gadgets.coils.normalisation_scale
+    """Max |zero-filled coil image| per slice, [B]; mirrors gadgets.numerics.coils.normalisation_scale
     (the readout iFFT is unitary per row, so the max over rows of the 1D zero-filled images
     equals the 2D one)."""
     images = ifftc(hybrid * mask[:, None, None, :], -1)

@@ -1,10 +1,10 @@
 """Targets for Gadgetron's external Python gadgets (gadgetron-python `f(connection)`).
 
-Gadgetron runs `python -m gadgetron <port> gadgets.external <target>`; the connection yields
-what the upstream gadgets send, `connection.send` passes items downstream. These targets run
-the very same chains as the embedded server:
+Gadgetron runs `python -m gadgetron <port> gadgets.gadgetron_external.targets <target>`; the
+connection yields what the upstream gadgets send, `connection.send` passes items downstream.
+These targets run the very same chains as the embedded server:
 
-    <external><execute name="gadgets.external" target="zerofill" type="python"/>
+    <external><execute name="gadgets.gadgetron_external.targets" target="zerofill" type="python"/>
         <configuration><property name="chain" value="zerofill"/></configuration></external>
 
 Parameters in `<configuration>` (`<property name=".." value=".."/>`) override the chain's
@@ -19,10 +19,10 @@ import struct
 
 import numpy as np
 
-from . import limit_blas_threads
-from .chain import ChainRepository, apply_overrides, configuration_properties, run_stages
-from .context import StreamContext
-from .items import Notice
+from .. import limit_blas_threads
+from ..chain import ChainRepository, apply_overrides, configuration_properties, run_stages
+from ..context import StreamContext
+from ..items import Notice
 
 log = logging.getLogger("pisf.external")
 _ERROR_ID = 8
@@ -59,7 +59,7 @@ def run_chain(connection, chain_name: str | None = None, buffers: bool = False,
 
     defaults: properties that apply unless the connection's `<configuration>` sets them.
     buffers: the input is Gadgetron ReconData (after BucketToBuffer); the chain's buffering stages
-    are dropped and the buffers become KSpaceSlices (gadgets.recondata).
+    are dropped and the buffers become KSpaceSlices (gadgets.gadgetron_external.recondata).
     """
     # defaults: properties of a persistent worker (pisf gadgetron-worker --property), under the config's
     properties = {**(defaults or {}), **configuration_properties(getattr(connection, "config", None))}

@@ -21,8 +21,8 @@ from typing import Iterable, Iterator
 import ismrmrd
 import numpy as np
 
-from .context import InputError, StreamContext
-from .items import KSpaceSlice, SliceKey
+from ..context import InputError, StreamContext
+from ..items import KSpaceSlice, SliceKey
 
 
 def _is_recon_data(item) -> bool:

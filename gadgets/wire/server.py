@@ -21,10 +21,11 @@ from pathlib import Path
 
 import ismrmrd
 
-from . import limit_blas_threads, protocol
-from .chain import ChainRepository, ChainSpec, ConfigError, parse_chain_text, run_stages
-from .context import InputError, StreamContext, parse_header
-from .items import Notice
+from .. import limit_blas_threads
+from ..chain import ChainRepository, ChainSpec, ConfigError, parse_chain_text, run_stages
+from ..context import InputError, StreamContext, parse_header
+from ..items import Notice
+from . import protocol
 from .tls import TlsSocket
 from .validate import AcquisitionValidator
 

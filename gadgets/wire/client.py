@@ -20,7 +20,7 @@ import ismrmrd
 import numpy as np
 
 from . import protocol
-from .items import SliceKey
+from ..items import SliceKey
 from .tls import TlsSocket
 
 TICK_S = 2.5e-3  # acquisition_time_stamp unit on Siemens and in ISMRMRD practice
@@ -262,8 +262,8 @@ def run(args: argparse.Namespace) -> int:
     if args.png and result.images:
         print(f"{len(write_pngs(result, args.png))} PNG previews in {args.png}")
     if getattr(args, "dicom", None) and result.images:
-        from .context import parse_header
-        from .dicom import write_dicom
+        from ..context import parse_header
+        from ..formats.dicom import write_dicom
 
         paths = write_dicom([r.image for r in result.images], args.dicom,
                             header=parse_header(read_raw(args.raw)[0]))

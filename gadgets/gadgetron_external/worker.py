@@ -3,7 +3,8 @@
 With `<execute>`, Gadgetron starts a fresh Python process per scan (imports and model load every
 time). With `<connect port="18000" address="..."/>` Gadgetron connects to this process instead:
 it loads and warms the chain's model once, then serves every connection (each one a scan, each in
-its own thread, sharing the onnxruntime session) with the same targets as gadgets.external:
+its own thread, sharing the onnxruntime session) with the same targets as
+gadgets.gadgetron_external.targets:
 
     pisf gadgetron-worker --port 18000 --chain pisf            # acquisitions in
     pisf gadgetron-worker --port 18001 --chain pisf --buffers  # ReconData (BucketToBuffer) in
@@ -42,7 +43,7 @@ def serve_connection(sock: socket.socket, chain: str, buffers: bool | None,
     """One Gadgetron connection: config, header, items, CLOSE (ERROR first on failure)."""
     from gadgetron.external.connection import Connection
 
-    from .external import run_chain
+    from .targets import run_chain
 
     try:
         with Connection(sock) as connection:
@@ -69,7 +70,7 @@ def make_listener(host: str, port: int) -> socket.socket:
 def serve(port: int, chain: str = "pisf", host: str = "", buffers: bool | None = None,
           max_connections: int | None = None, ready: threading.Event | None = None,
           listener: socket.socket | None = None, defaults: dict[str, str] | None = None) -> None:
-    from .chain import ChainRepository, apply_overrides
+    from ..chain import ChainRepository, apply_overrides
 
     defaults = dict(defaults or {})
     spec = ChainRepository.shared().load(defaults.get("chain", chain))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ismrmrd
 import numpy as np
 
-from .context import Encoding, InputError
+from ..context import Encoding, InputError
 
 
 class AcquisitionValidator:

@@ -1,0 +1,1 @@
+"""Output formats written from reconstructed ISMRMRD images: DICOM."""
