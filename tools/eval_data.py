@@ -1,0 +1,305 @@
+"""Real fully sampled datasets for 1D-undersampling evaluation, and the evaluation cases.
+
+Every dataset is fully sampled multi-coil Cartesian k-space K[coil, ky, kx] in the project's
+centred orthonormal FFT convention (gadgets/numerics/fft.py: image = ifftc(K, axes=(-2, -1))), with
+ky = phase encode (axis 1, the undersampled axis) and kx = readout (axis 2, always fully
+sampled), plus the reference image = root-sum-of-squares magnitude of the fully sampled coil
+images; K is scaled so that the reference's maximum is 1. A dataset whose file is absent is skipped with a printed reason.
+
+| name | file | matrix | what |
+|---|---|---|---|
+| phantom | phantom_8coil_full.mat | 8 x 256 x 256 | real phantom, coil images given; K = fftc(coil images); PE = axis 1 as before |
+| brain16 | brain_16ch_96x96_full_ksp.npy | 16 x 96 x 96 | in-vivo axial brain, (coil, PE, RO) |
+| cimax | siemens_cimax_phantom_16ch_twix.dat | 16 x 128 x 128 | Siemens twix (Cima.X, Pulseq FLASH), spherical phantom |
+
+Cases (`make_cases`), R = ny / (number of sampled image lines), centre lines included (the
+fastMRI convention):
+* `{equispaced,random}_R{3,4,5,6,8}_embedded`: a fully sampled centre of `centre_lines(ny, R)`
+  lines is part of the image mask and is also the calibration region;
+* `equispaced_R{2,3,4}_separate`: a pure equispaced image mask (every R-th line, the k-space
+  centre line ky = ny//2 sampled, no fully sampled block) plus 24 separate reference lines at
+  the centre that are calibration only, never image data.
+
+`undersample(case, K)` gives what a scanner would send: the image lines (K * mask) and the
+calibration k-space (K on the reference lines, zeros elsewhere).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+EMBEDDED_ACCELERATIONS = (3, 4, 5, 6, 8)
+SEPARATE_ACCELERATIONS = (2, 3, 4)
+SEPARATE_REFERENCE_LINES = 24
+MAX_CENTRE_LINES = 24
+MIN_CENTRE_LINES = 12
+MIN_OUTER_LINES = 4
+QUICK_CASES = ("equispaced_R4_embedded", "equispaced_R3_separate")
+
+
+def _fft():
+    from gadgets.numerics.fft import fftc, ifftc
+    return fftc, ifftc
+
+
+def rss(coil_images: np.ndarray) -> np.ndarray:
+    """Root-sum-of-squares over axis 0 (float64)."""
+    return np.sqrt(np.sum(np.abs(coil_images.astype(np.complex128)) ** 2, axis=0))
+
+
+def normalised(kspace: np.ndarray) -> np.ndarray:
+    """K scaled so that the RSS reference's maximum is 1 (a scale only; metrics are
+    scale-matched anyway; it keeps every method's and BART's numbers in one range)."""
+    return (kspace / reference_from_kspace(kspace).max()).astype(np.complex64)
+
+
+def reference_from_kspace(kspace: np.ndarray) -> np.ndarray:
+    """RSS magnitude [ny, nx] (float64) of the fully sampled coil images of K[C, ny, nx]."""
+    _, ifftc = _fft()
+    return rss(ifftc(kspace, axes=(-2, -1)))
+
+
+# ----------------------------------------------------------------------------- datasets
+@dataclass(eq=False)
+class Dataset:
+    name: str
+    kspace: np.ndarray                    # complex64 [C, ny, nx], centred orthonormal
+    reference: np.ndarray                 # float64 [ny, nx], RSS of the fully sampled coil images
+    description: str = ""
+    source: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.kspace.shape)
+
+
+def load_phantom(data_dir: Path) -> Dataset:
+    """phantom_8coil_full.mat: coil images [8, 256, 256] (h5py, fields real/imag); K = centred
+    orthonormal 2D FFT; phase encode = axis 1 (as the previous evaluation and the server test)."""
+    import h5py
+    path = Path(data_dir) / "phantom_8coil_full.mat"
+    with h5py.File(path, "r") as f:
+        raw = f["data"][()]
+    coil_images = (raw["real"] + 1j * raw["imag"]).astype(np.complex64)
+    fftc, _ = _fft()
+    kspace = normalised(fftc(coil_images, axes=(-2, -1)))
+    return Dataset("phantom", kspace, reference_from_kspace(kspace),
+                   "real phantom, 8 coils, 256x256 (disc with a bar), PE = axis 1", path.name)
+
+
+def load_brain16(data_dir: Path) -> Dataset:
+    """brain_16ch_96x96_full_ksp.npy: (coil, PE, RO) with image = fftshift(ifft2(ifftshift(k))).
+    Same centring as ours (96 is even); the unnormalised ifft2 is ifftc / sqrt(ny * nx), so
+    K = k / sqrt(ny * nx) gives the file's coil images under ifftc (then the common
+    normalisation, a global scale). Shown with PE
+    vertical, the brain is axial with the midline along PE: PE = anterior-posterior."""
+    path = Path(data_dir) / "brain_16ch_96x96_full_ksp.npy"
+    k = np.load(path)
+    kspace = normalised(k / np.sqrt(k.shape[1] * k.shape[2]))
+    return Dataset("brain16", kspace, reference_from_kspace(kspace),
+                   "in-vivo axial brain, 16 coils, 96x96, PE = axis 1 (anterior-posterior)", path.name)
+
+
+def read_twix_kspace(path: Path) -> np.ndarray:
+    """Image-scan k-space [C, lines, columns] of the last measurement (raid) of a Siemens twix
+    file (VB or VD/VE) read with twixtools; one slice, one average/repetition expected;
+    lines placed by their line counter."""
+    import twixtools
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        twix = twixtools.read_twix(str(path), verbose=False)
+    mdbs = [m for m in twix[-1]["mdb"] if m.is_image_scan()]
+    if not mdbs:
+        raise ValueError(f"{path}: no image scans in the last measurement")
+    for counter in ("Sli", "Par", "Ave", "Rep", "Eco", "Phs", "Set"):
+        values = {getattr(m.mdh.Counter, counter) for m in mdbs}
+        if len(values) > 1:
+            raise ValueError(f"{path}: {len(values)} values of counter {counter}; one 2D image expected")
+    coils, columns = mdbs[0].data.shape
+    lines = max(m.cLin for m in mdbs) + 1
+    kspace = np.zeros((coils, lines, columns), dtype=np.complex64)
+    filled = np.zeros(lines, dtype=bool)
+    for m in mdbs:
+        data = np.asarray(m.data)
+        if m.is_flag_set("REFLECT"):
+            data = data[:, ::-1]
+        kspace[:, m.cLin, :] = data
+        filled[m.cLin] = True
+    if not filled.all():
+        raise ValueError(f"{path}: {int((~filled).sum())} of {lines} lines missing; fully sampled data expected")
+    return kspace
+
+
+def remove_readout_oversampling(kspace: np.ndarray) -> np.ndarray:
+    """2x readout oversampling removal: iFFT along readout, keep the centre half, FFT back."""
+    fftc, ifftc = _fft()
+    nx = kspace.shape[-1]
+    image = ifftc(kspace, axes=(-1,))
+    return fftc(image[..., nx // 4: nx // 4 + nx // 2], axes=(-1,)).astype(np.complex64)
+
+
+def load_cimax(data_dir: Path) -> Dataset:
+    """siemens_cimax_phantom_16ch_twix.dat: Cima.X twix (Pulseq FLASH), 128 PE lines x 128
+    readout samples, 16 coils, fully sampled. The readout is not oversampled (128 samples for a
+    256 mm FOV, and the sphere comes out round at 128x128 with a 1:1 aspect); oversampling is
+    removed only when the file has twice as many samples as lines. The image is a sphere with a
+    flat top (the air-water surface of a partly filled sphere) at the low-ky-index edge."""
+    path = Path(data_dir) / "siemens_cimax_phantom_16ch_twix.dat"
+    kspace = read_twix_kspace(path)
+    if kspace.shape[2] == 2 * kspace.shape[1]:
+        kspace = remove_readout_oversampling(kspace)
+    kspace = normalised(kspace)
+    return Dataset("cimax", kspace, reference_from_kspace(kspace),
+                   "Siemens Cima.X spherical phantom, 16 coils, 128x128, twix, PE = axis 1", path.name)
+
+
+DATASETS: dict[str, tuple[str, Callable[[Path], Dataset]]] = {
+    "phantom": ("phantom_8coil_full.mat", load_phantom),
+    "brain16": ("brain_16ch_96x96_full_ksp.npy", load_brain16),
+    "cimax": ("siemens_cimax_phantom_16ch_twix.dat", load_cimax),
+}
+
+
+def load_datasets(data_dir: str | Path = DEFAULT_DATA, names=None, log=print) -> list[Dataset]:
+    """The named datasets (all by default) whose files exist; each missing one is reported."""
+    data_dir = Path(data_dir)
+    out = []
+    for name in names or DATASETS:
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        filename, loader = DATASETS[name]
+        if not (data_dir / filename).is_file():
+            log(f"skipping dataset {name}: {data_dir / filename} not found")
+            continue
+        out.append(loader(data_dir))
+    return out
+
+
+# ----------------------------------------------------------------------------- cases
+@dataclass(eq=False)
+class Case:
+    dataset: str
+    name: str
+    mask: np.ndarray                      # float32 [ny]: the image lines
+    reference_lines: np.ndarray           # bool [ny]: the calibration lines
+    embedded: bool                        # reference lines are image lines (embedded ACS)
+    R: float                              # nominal acceleration
+    kind: str = "equispaced"              # equispaced | random
+    seed: int = 0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def ny(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def r_achieved(self) -> float:
+        """ny / number of sampled image lines (centre included)."""
+        return float(self.ny / max(1.0, float(self.mask.sum())))
+
+    @property
+    def n_reference(self) -> int:
+        return int(self.reference_lines.sum())
+
+    @property
+    def layout(self) -> str:
+        return "embedded" if self.embedded else "separate"
+
+
+def centre_lines(ny: int, acceleration: float) -> int:
+    """Fully sampled centre lines for an embedded case: min(24, max(12, round(ny / 8))) (24 for
+    ny >= 192, 16 at 128, 12 at 96), lowered where needed so that at least MIN_OUTER_LINES
+    lines of the round(ny / R) sampled lines lie outside the centre (ny = 96 at R = 8: 8)."""
+    base = min(MAX_CENTRE_LINES, max(MIN_CENTRE_LINES, int(round(ny / 8))))
+    total = int(round(ny / acceleration))
+    return int(max(2, min(base, total - MIN_OUTER_LINES)))
+
+
+def centre_block(ny: int, n: int) -> np.ndarray:
+    """Boolean [ny] with n contiguous lines about ny // 2 (start ny//2 - n//2)."""
+    block = np.zeros(ny, dtype=bool)
+    start = ny // 2 - n // 2
+    block[start:start + n] = True
+    return block
+
+
+def case_seed(dataset: str, name: str, seed: int = 0) -> int:
+    return (zlib.crc32(f"{dataset}/{name}".encode()) + 7919 * seed) % (2 ** 31)
+
+
+def embedded_mask(ny: int, acceleration: float, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(mask [ny] float32, centre [ny] bool): a fully sampled centre of centre_lines(ny, R) plus
+    outer lines so that round(ny / R) lines are sampled in all. random: exactly that many,
+    drawn uniformly outside the centre. equispaced: fastMRI's equispaced-fraction rule (spacing
+    R (nc - ny) / (nc R - ny) from a random offset), which lands within a line or two."""
+    nc = centre_lines(ny, acceleration)
+    centre = centre_block(ny, nc)
+    mask = centre.astype(np.float32)
+    total = int(round(ny / acceleration))
+    if kind == "random":
+        outside = np.flatnonzero(~centre)
+        mask[rng.choice(outside, size=max(0, total - nc), replace=False)] = 1
+    elif kind == "equispaced":
+        spacing = acceleration * (nc - ny) / (nc * acceleration - ny)
+        offset = int(rng.integers(0, max(1, int(round(spacing)))))
+        mask[np.round(np.arange(offset, ny - 1, spacing)).astype(int)] = 1
+    else:
+        raise ValueError(kind)
+    return mask, centre
+
+
+def separate_mask(ny: int, acceleration: int) -> np.ndarray:
+    """Pure equispaced image mask: every R-th line, ky = ny // 2 among them."""
+    mask = np.zeros(ny, dtype=np.float32)
+    mask[(ny // 2) % acceleration::acceleration] = 1
+    return mask
+
+
+def make_cases(dataset: str, ny: int, quick: bool = False, seed: int = 0,
+               embedded_accelerations=EMBEDDED_ACCELERATIONS,
+               separate_accelerations=SEPARATE_ACCELERATIONS) -> list[Case]:
+    """Every case of one dataset (deterministic: the random draws are seeded by dataset, case
+    name and `seed`). quick: only QUICK_CASES."""
+    cases = []
+    for acceleration in embedded_accelerations:
+        for kind in ("equispaced", "random"):
+            name = f"{kind}_R{acceleration}_embedded"
+            s = case_seed(dataset, name, seed)
+            mask, centre = embedded_mask(ny, acceleration, kind, np.random.default_rng(s))
+            cases.append(Case(dataset, name, mask, centre, True, float(acceleration), kind, s,
+                              {"centre_lines": int(centre.sum())}))
+    for acceleration in separate_accelerations:
+        name = f"equispaced_R{acceleration}_separate"
+        reference = centre_block(ny, min(SEPARATE_REFERENCE_LINES, ny))
+        cases.append(Case(dataset, name, separate_mask(ny, acceleration), reference, False,
+                          float(acceleration), "equispaced", 0,
+                          {"reference_lines": int(reference.sum())}))
+    if quick:
+        cases = [c for c in cases if c.name in QUICK_CASES]
+    return cases
+
+
+def undersample(case: Case, kspace: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(image k-space, calibration k-space), both [C, ny, nx] complex64: K * mask (the image
+    lines only; separate reference lines are never inserted) and K on the reference lines with
+    zeros elsewhere (calibration only)."""
+    kspace = np.asarray(kspace, dtype=np.complex64)
+    if kspace.shape[1] != case.ny:
+        raise ValueError(f"case {case.name} has {case.ny} lines, k-space {kspace.shape[1]}")
+    image = kspace * case.mask.astype(np.float32)[None, :, None]
+    calibration = np.zeros_like(kspace)
+    calibration[:, case.reference_lines, :] = kspace[:, case.reference_lines, :]
+    return image.astype(np.complex64), calibration
+
+
+def sampled_lines(kspace: np.ndarray) -> np.ndarray:
+    """Boolean [ny]: lines of K[C, ny, nx] with any non-zero sample (e.g. the reference lines of
+    a calibration k-space)."""
+    return np.any(np.asarray(kspace) != 0, axis=(0, 2))
