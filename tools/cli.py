@@ -18,7 +18,7 @@ SUBCOMMANDS = {
     "demo": ("tools.demo", "main job: serve + simulate + replay + quality against ground truth"),
     "train": ("tools.train", "train the PISF network on on-the-fly synthetic data"),
     "export": ("tools.export", "export a PISF checkpoint to ONNX (with a parity check)"),
-    "evaluate": ("tools.evaluate", "PISF vs zero-filled vs BART l1-ESPIRiT on the real data"),
+    "evaluate": ("tools.evaluate", "PISF models vs zero-filled vs tuned BART SENSE and l1-ESPIRiT on the real data"),
     "bench": ("tools.bench", "latency, throughput and memory of the server per chain, BART beside it"),
     "bench-model": ("tools.bench_pisf", "offline latency of the PISF inference core per model and thread count"),
     "dicom": ("tools.dicom", "convert ISMRMRD images (pisf replay --out) to DICOM MR series"),
