@@ -141,9 +141,11 @@ class PisfRecon:
             kspace[:, acs_only] = item.calibration[:, 0][:, acs_only]
             sampled = sampled | acs_only
         mask = sampled.astype(np.float32)
-        # Without ACS lines the inference core picks the fully sampled centre run itself.
-        calibration = item.acs_lines() if item.calibration is not None else None
-        image = self.reconstructor.reconstruct(kspace, mask, calibration)
+        # Without reference lines the inference core picks the fully sampled centre run itself.
+        calibration = lines = None
+        if item.calibration is not None and item.calibration_sampled.any():
+            calibration, lines = item.calibration[:, 0], item.calibration_sampled[0]
+        image = self.reconstructor.reconstruct(kspace, mask, calibration, lines)
         elapsed_ms = (time.perf_counter() - started) * 1e3
         acceleration = mask.size / max(mask.sum(), 1.0)
         return ReconImage(key=item.key, data=image[None], reference=item.reference,

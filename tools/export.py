@@ -1,7 +1,9 @@
-"""`pisf export CHECKPOINT --out models/pisf_fast.onnx`: ONNX export + torch/onnxruntime parity.
+"""`pisf export CHECKPOINT --out models/X.onnx`: ONNX export + torch/onnxruntime parity.
 
-The graph follows models/CONTRACT.md: inputs `kspace` [rows, 2C, ny] and `mask` [rows, 1, ny],
-output `kspace_out`, dynamic rows and ny, opset 17, DFTs as matrix products built from ny.
+The graph follows models/CONTRACT.md, dynamic rows and ny, opset 17, DFTs as matrix products:
+contract 1 (models/pisf_net.py): inputs `kspace` [rows, 2C, ny], `mask` [rows, 1, ny], output
+`kspace_out`; contract 2 (models/pisf_sense.py): inputs `kspace`, `mask` and the coil maps
+`sens` [rows, 2C, ny], output `image` [rows, 2, ny].
 """
 from __future__ import annotations
 
@@ -9,8 +11,29 @@ import argparse
 import json
 from pathlib import Path
 
-CONTRACT_VERSION = "1"
 OPSET = 17
+COILS_V2 = 8     # virtual coils of contract 2 (the runtime compresses or zero-pads to this)
+
+
+class Signature:
+    """Names, example inputs and contract version of one architecture's graph."""
+
+    def __init__(self, model):
+        self.sense = model.__class__.__name__ == "PisfSenseNet"
+        self.coils = COILS_V2 if self.sense else model.cfg.coils
+        self.contract = "2" if self.sense else "1"
+        self.inputs = ["kspace", "mask", "sens"] if self.sense else ["kspace", "mask"]
+        self.output = "image" if self.sense else "kspace_out"
+
+    def example(self, rows: int, ny: int, generator, scale: float = 1.0) -> tuple:
+        import torch
+        kspace = torch.randn(rows, 2 * self.coils, ny, generator=generator) * scale
+        mask = (torch.rand(rows, 1, ny, generator=generator) > 0.6).float()
+        if not self.sense:
+            return kspace, mask
+        sens = torch.randn(rows, 2 * self.coils, ny, generator=generator)
+        norm = (sens[:, :self.coils] ** 2 + sens[:, self.coils:] ** 2).sum(1, keepdim=True).sqrt()   # unit RSS
+        return kspace * mask, mask, sens / norm.repeat(1, 2 * self.coils, 1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,20 +51,19 @@ def export_model(model, out_path: str | Path, metadata: dict, example_rows: int 
     import torch
 
     model = model.eval()
-    channels = 2 * model.cfg.coils
-    generator = torch.Generator().manual_seed(0)
-    kspace = torch.randn(example_rows, channels, example_ny, generator=generator)
-    mask = (torch.rand(example_rows, 1, example_ny, generator=generator) > 0.6).float()
+    signature = Signature(model)
+    example = signature.example(example_rows, example_ny, torch.Generator().manual_seed(0))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    dynamic = {"kspace": {0: "rows", 2: "ny"}, "mask": {0: "rows", 2: "ny"},
-               "kspace_out": {0: "rows", 2: "ny"}}
+    dynamic = {name: {0: "rows", 2: "ny"} for name in signature.inputs + [signature.output]}
+    if signature.sense:       # contract 2 takes any number of virtual coils
+        dynamic["kspace"][1] = dynamic["sens"][1] = "channels"
     # The TorchScript exporter keeps ny symbolic through Shape/Range/Mod and needs no extra deps.
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (kspace, mask), str(out_path), input_names=["kspace", "mask"],
-                          output_names=["kspace_out"], dynamic_axes=dynamic,
+        torch.onnx.export(model, example, str(out_path), input_names=signature.inputs,
+                          output_names=[signature.output], dynamic_axes=dynamic,
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
     proto = onnx.load(str(out_path))
     del proto.metadata_props[:]
@@ -62,14 +84,15 @@ def parity(model, onnx_path: str | Path, cases=((3, 64), (17, 180), (8, 256), (2
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     model = model.eval()
+    signature = Signature(model)
     generator = torch.Generator().manual_seed(1)
     worst_abs = worst_rel = 0.0
     for rows, ny in cases:
-        kspace = torch.randn(rows, 2 * model.cfg.coils, ny, generator=generator) * 0.1
-        mask = (torch.rand(rows, 1, ny, generator=generator) > 0.7).float()
+        example = signature.example(rows, ny, generator, scale=0.1)
         with torch.no_grad():
-            reference = model(kspace, mask).numpy()
-        result = session.run(["kspace_out"], {"kspace": kspace.numpy(), "mask": mask.numpy()})[0]
+            reference = model(*example).numpy()
+        result = session.run([signature.output], {name: t.numpy() for name, t in
+                                                  zip(signature.inputs, example)})[0]
         err = float(np.abs(result - reference).max())
         worst_abs = max(worst_abs, err)
         worst_rel = max(worst_rel, err / max(float(np.abs(reference).max()), 1e-12))
@@ -79,25 +102,43 @@ def parity(model, onnx_path: str | Path, cases=((3, 64), (17, 180), (8, 256), (2
 def load_checkpoint(path: str | Path):
     import torch
 
-    from models.pisf_net import PisfConfig, PisfNet
     state = torch.load(path, map_location="cpu", weights_only=False)
-    model = PisfNet(PisfConfig(**state["model_cfg"]))
+    if state.get("architecture") == "sense":
+        from models.pisf_sense import PisfSenseNet, SenseNetConfig
+        model = PisfSenseNet(SenseNetConfig(**state["model_cfg"]))
+    else:
+        from models.pisf_net import PisfConfig, PisfNet
+        model = PisfNet(PisfConfig(**state["model_cfg"]))
     model.load_state_dict(state["model"])
     return model.eval(), state
+
+
+def trained_ranges(state: dict) -> dict:
+    """What the model saw in training, for the runtime's model-range guard (metadata)."""
+    synth = state.get("synth_cfg", {})
+    ny_lo, ny_hi = synth.get("ny_range", (64, 512))
+    r_lo, r_hi = synth.get("acceleration", (2.0, 10.0))
+    return {"trained_ny_min": ny_lo, "trained_ny_max": ny_hi,
+            "trained_acceleration_min": r_lo, "trained_acceleration_max": r_hi,
+            "architecture": "sense"}
 
 
 def run(args: argparse.Namespace) -> int:
     from models.pisf_net import macs_per_pixel, parameter_count
 
     model, state = load_checkpoint(args.checkpoint)
-    metadata = {"coils": model.cfg.coils, "pisf_variant": args.variant or state.get("variant", "custom"),
-                "training_steps": state.get("step", 0), "contract": CONTRACT_VERSION,
+    signature = Signature(model)
+    metadata = {"coils": signature.coils, "pisf_variant": args.variant or state.get("variant", "custom"),
+                "training_steps": state.get("step", 0), "contract": signature.contract,
                 "blocks": model.cfg.blocks, "features": model.cfg.features,
                 "parameters": parameter_count(model)}
+    if signature.sense:
+        metadata.update(trained_ranges(state))
     path = export_model(model, args.out, metadata)
     check = parity(model, path)
-    report = {"onnx": str(path), "size_bytes": path.stat().st_size, **metadata,
-              "macs_per_pixel_ny256": round(macs_per_pixel(model.cfg, 256)["total"]), **check}
+    report = {"onnx": str(path), "size_bytes": path.stat().st_size, **metadata, **check}
+    if not signature.sense:
+        report["macs_per_pixel_ny256"] = round(macs_per_pixel(model.cfg, 256)["total"])
     print(json.dumps(report, indent=1))
     if check["max_rel_error"] > args.tolerance:
         print(f"parity check FAILED: relative error {check['max_rel_error']:.2e} > {args.tolerance:.0e}")

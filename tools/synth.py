@@ -520,4 +520,75 @@ class Synthesizer:
         return {"inputs": inputs, "mask": row_mask, "target": target, "scale": scale,
                 "slice_mask": mask, "mask_info": mask_info, "n_coils": coil_count,
                 "snr": snr_value, "sigma": sigma, "noisy_hybrid": noisy, "clean_hybrid": clean,
-                "compression": matrix, "ny": ny, "rows_per_slice": rows}
+                "compression": matrix, "sens": sens, "ny": ny, "rows_per_slice": rows}
+
+
+# ----------------------------------------------------------------------------- v2 (scan-calibrated)
+def separate_reference_masks(batch: int, ny: int, gen: torch.Generator, accelerations=(2, 6)) -> torch.Tensor:
+    """Pure equispaced image masks [batch, ny] (every R-th line, random offset, no centre block):
+    the image lines of a scan whose calibration lines come separately (reference scan)."""
+    masks = torch.zeros(batch, ny)
+    for b in range(batch):
+        r = int(torch.randint(accelerations[0], accelerations[1] + 1, (1,), generator=gen))
+        offset = int(torch.randint(0, r, (1,), generator=gen))
+        masks[b, offset::r] = 1
+    return masks
+
+
+def smooth_noise(shape, gen: torch.Generator, width: int, device) -> torch.Tensor:
+    """Complex Gaussian noise low-passed along the last axis (box filter of `width`)."""
+    noise = torch.complex(torch.randn(*shape, generator=gen), torch.randn(*shape, generator=gen)).to(device)
+    kernel = torch.ones(1, 1, width, device=device) / math.sqrt(width)
+    flat = noise.reshape(-1, 1, shape[-1])
+    re = F.conv1d(flat.real, kernel, padding=width // 2)[..., :shape[-1]]
+    im = F.conv1d(flat.imag, kernel, padding=width // 2)[..., :shape[-1]]
+    return torch.complex(re, im).reshape(shape)
+
+
+def sense_batch(synth: "Synthesizer", separate_reference_prob: float = 0.3,
+                map_error: tuple = (0.0, 0.08), virtual_coil_choices: tuple = (8, 12, 16),
+                **kwargs) -> dict:
+    """A training batch for the scan-calibrated network (models/pisf_sense.py).
+
+    Same physics as `Synthesizer.batch`; the runtime half (gadgets/numerics/pisf_inference.py)
+    compresses coils on the reference lines, estimates ESPIRiT maps from them and normalises by
+    the zero-filled maximum. Here the maps are the simulated virtual-coil sensitivities,
+    normalised to unit root-sum-of-squares (as ESPIRiT's), with a smooth random error of
+    `map_error` relative size (calibration from a few noisy reference lines is not exact).
+    The target is the clean image the maps define: sum_c conj(s_c) * clean coil image_c.
+    A fraction of slices get pure equispaced masks (separate reference lines, not image data).
+    """
+    # the runtime compresses to up to 16 virtual coils; vary the count the network sees
+    virtual_coils = synth.cfg.coils
+    synth.cfg.coils = int(virtual_coil_choices[int(torch.randint(len(virtual_coil_choices), (1,), generator=synth.gen))])
+    try:
+        raw = synth.batch(**kwargs)
+    finally:
+        synth.cfg.coils = virtual_coils
+    dev, gen = synth.device, synth.gen
+    b, ny, rows = raw["slice_mask"].shape[0], raw["ny"], raw["rows_per_slice"]
+    mask = raw["slice_mask"].clone()
+    separate = torch.rand(b, generator=gen) < separate_reference_prob
+    if separate.any():
+        mask[separate] = separate_reference_masks(int(separate.sum()), ny, gen).to(mask.device)
+    matrix = raw["compression"]                                          # [B, C, coils]
+    sens = compress(raw["sens"].to(torch.complex64), matrix)             # [B, C, rows, ny]
+    size = torch.empty(b, 1, 1, 1).uniform_(*map_error, generator=gen).to(dev)
+    error = smooth_noise(sens.shape, gen, max(3, ny // 16), dev)
+    rss = sens.abs().pow(2).sum(1, keepdim=True).sqrt()
+    sens = sens + size * error * rss.mean(dim=(2, 3), keepdim=True)
+    sens = sens / sens.abs().pow(2).sum(1, keepdim=True).sqrt().clamp(min=1e-8)
+    measured = compress(raw["noisy_hybrid"] * mask[:, None, None, :], matrix)
+    scale = normalisation_scales(measured, mask)
+    lo, hi = synth.cfg.slab_max_fraction
+    scale = scale / (lo + (hi - lo) * torch.rand(b, generator=gen).to(dev))
+    clean_images = ifftc(compress(raw["clean_hybrid"], matrix), -1)        # [B, C, rows, ny]
+    target = (sens.conj() * clean_images).sum(1) / scale[:, None, None]    # [B, rows, ny]
+    target_rows = torch.stack([target.real, target.imag], 2).reshape(b * rows, 2, ny).float()
+    # every slice weighs the same in the loss, whatever its signal level (per-slice NMSE)
+    energy = (target.abs() ** 2).mean(dim=(1, 2)).clamp(min=1e-12)
+    row_weight = (1.0 / energy).repeat_interleave(rows)[:, None, None].float()
+    return {"inputs": to_rows(measured / scale[:, None, None, None]), "row_weight": row_weight,
+            "sens": to_rows(sens),
+            "mask": mask.repeat_interleave(rows, 0)[:, None, :].float(),
+            "target": target_rows, "ny": ny, "separate": separate, "snr": raw["snr"]}

@@ -41,35 +41,78 @@ def pick_device(name: str | None):
     return torch.device(name)
 
 
-def block_losses(outputs, target):
-    """Per-block MSE [blocks]; the training loss is their sum."""
+def block_losses(outputs, target, weight=None):
+    """Per-block MSE [blocks] (weighted per row when the batch says so); the loss is their sum."""
     import torch
-    return torch.stack([torch.mean((o - target) ** 2) for o in outputs])
+    if weight is None:
+        return torch.stack([torch.mean((o - target) ** 2) for o in outputs])
+    return torch.stack([torch.mean(weight * (o - target) ** 2) for o in outputs])
 
 
-def validation_set(synth_cfg, device, seed: int, batches: int) -> list[dict]:
+class Task:
+    """What differs between the two architectures: model, batches, inputs, baseline.
+
+    `pisf` (v1, models/pisf_net.py): inputs (kspace, mask); baseline = zero filling.
+    `sense` (v2, models/pisf_sense.py): inputs (kspace, mask, sens); outputs[0] is the
+    network's own initial SENSE solution, which is the baseline the blocks must beat.
+    """
+
+    def __init__(self, cfg: dict):
+        self.architecture = cfg.get("architecture", "pisf")
+        self.sense_options = dict(cfg.get("sense_synth") or {})
+
+    def build(self, model_cfg: dict):
+        if self.architecture == "sense":
+            from models.pisf_sense import PisfSenseNet, SenseNetConfig
+            cfg = SenseNetConfig(**model_cfg)
+            return PisfSenseNet(cfg), cfg
+        from models.pisf_net import PisfConfig, PisfNet
+        cfg = PisfConfig(**model_cfg)
+        return PisfNet(cfg), cfg
+
+    def batch(self, synth, **kwargs) -> dict:
+        if self.architecture == "sense":
+            from tools.synth import sense_batch
+            return sense_batch(synth, **self.sense_options, **kwargs)
+        return synth.batch(**kwargs)
+
+    def inputs(self, batch: dict) -> tuple:
+        if self.architecture == "sense":
+            return batch["inputs"], batch["mask"], batch["sens"]
+        return batch["inputs"], batch["mask"]
+
+    def supervised(self, outputs: list) -> list:
+        """Outputs that get a loss term (v2: the blocks, not the fixed SENSE start)."""
+        return outputs[1:] if self.architecture == "sense" else outputs
+
+    def baseline(self, batch: dict, outputs: list):
+        return outputs[0] if self.architecture == "sense" else batch["inputs"]
+
+
+def validation_set(task: Task, synth_cfg, device, seed: int, batches: int) -> list[dict]:
     """Fixed held-back synthetic batches (own seed) at a few row lengths."""
     from tools.synth import Synthesizer
     synth = Synthesizer(synth_cfg, device=device, seed=seed)
     lengths = [96, 192, 256, 320, 384, 512]
-    return [{k: v for k, v in synth.batch(ny=lengths[i % len(lengths)]).items()
-             if k in ("inputs", "mask", "target")} for i in range(batches)]
+    return [{k: v for k, v in task.batch(synth, ny=lengths[i % len(lengths)]).items()
+             if k in ("inputs", "mask", "target", "sens")} for i in range(batches)]
 
 
-def evaluate(model, batches) -> dict:
-    """NMSE of the network and of zero filling over the validation batches (all rows)."""
+def evaluate(task: Task, model, batches) -> dict:
+    """NMSE of the network and of the baseline (zero filling for v1, the network's initial
+    SENSE solution for v2) over the validation batches (all rows)."""
     import torch
     model.eval()
-    err = err_zf = energy = 0.0
+    err = err_base = energy = 0.0
     with torch.no_grad():
         for b in batches:
-            out = model(b["inputs"], b["mask"])
-            err += float(((out - b["target"]) ** 2).sum())
-            err_zf += float(((b["inputs"] - b["target"]) ** 2).sum())
+            outputs = model(*task.inputs(b), return_all=True)
+            err += float(((outputs[-1] - b["target"]) ** 2).sum())
+            err_base += float(((task.baseline(b, outputs) - b["target"]) ** 2).sum())
             energy += float((b["target"] ** 2).sum())
     model.train()
-    return {"val_nmse": err / energy, "val_nmse_zf": err_zf / energy,
-            "val_gain_db": 10 * math.log10(err_zf / max(err, 1e-30))}
+    return {"val_nmse": err / energy, "val_nmse_baseline": err_base / energy,
+            "val_gain_db": 10 * math.log10(err_base / max(err, 1e-30))}
 
 
 def train(cfg: dict, out: Path, resume: bool = False, steps: int | None = None,
@@ -78,7 +121,7 @@ def train(cfg: dict, out: Path, resume: bool = False, steps: int | None = None,
     import torch
     from tqdm import tqdm
 
-    from models.pisf_net import PisfConfig, PisfNet, parameter_count
+    from models.pisf_net import parameter_count
     from tools.synth import SynthConfig, Synthesizer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -91,10 +134,11 @@ def train(cfg: dict, out: Path, resume: bool = False, steps: int | None = None,
     total_steps = int(steps or cfg.get("steps", 1000))
     limit_min = time_limit_min if time_limit_min is not None else float(cfg.get("time_limit_min", 0) or 0)
 
-    model_cfg = PisfConfig(**cfg["model"])
+    task = Task(cfg)
+    model, model_cfg = task.build(cfg["model"])
+    model = model.to(device)
     synth_cfg = SynthConfig.from_dict(cfg.get("synth"))
-    synth_cfg.coils = model_cfg.coils
-    model = PisfNet(model_cfg).to(device)
+    synth_cfg.coils = getattr(model_cfg, "coils", synth_cfg.coils)
     optim = torch.optim.Adam(model.parameters(), lr=float(cfg.get("lr", 1e-3)),
                              weight_decay=float(cfg.get("weight_decay", 0.0)))
     lr_max, lr_min = float(cfg.get("lr", 1e-3)), float(cfg.get("lr_min", 1e-5))
@@ -128,10 +172,11 @@ def train(cfg: dict, out: Path, resume: bool = False, steps: int | None = None,
         torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "step": step,
                     "best": best, "elapsed_s": elapsed, "model_cfg": model_cfg.to_dict(),
                     "synth_cfg": synth_cfg.to_dict(), "variant": cfg.get("variant", "custom"),
+                    "architecture": task.architecture,
                     "config": cfg, "device": str(device), "threads": torch.get_num_threads(),
                     "synth_rng": synth.gen.get_state(), "torch_rng": torch.get_rng_state()}, path)
 
-    val = validation_set(synth_cfg, device, int(cfg.get("val_seed", 999)), int(cfg.get("val_batches", 6)))
+    val = validation_set(task, synth_cfg, device, int(cfg.get("val_seed", 999)), int(cfg.get("val_batches", 6)))
     log = open(out / "log.jsonl", "a")
     (out / "config.yaml").write_text(yaml.safe_dump(cfg))
     print(f"device {device}, threads {torch.get_num_threads()}, params {parameter_count(model)}, "
@@ -146,9 +191,9 @@ def train(cfg: dict, out: Path, resume: bool = False, steps: int | None = None,
         lr = lr_at(step, elapsed_before + time.time() - start)
         for group in optim.param_groups:
             group["lr"] = lr
-        batch = synth.batch()
-        outputs = model(batch["inputs"], batch["mask"], return_all=True)
-        per_block = block_losses(outputs, batch["target"])
+        batch = task.batch(synth)
+        outputs = model(*task.inputs(batch), return_all=True)
+        per_block = block_losses(task.supervised(outputs), batch["target"], batch.get("row_weight"))
         loss = per_block.sum()
         optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -165,12 +210,12 @@ def train(cfg: dict, out: Path, resume: bool = False, steps: int | None = None,
             record = {"step": step, "loss": float(loss), "final_mse": final, "lr": lr,
                       "grad_norm": float(grad_norm), "ny": batch["ny"], "elapsed_s": round(elapsed, 1)}
         if step % val_every == 0 or step == total_steps:
-            metrics = evaluate(model, val)
+            metrics = evaluate(task, model, val)
             record = (record or {"step": step, "elapsed_s": round(elapsed, 1)}) | metrics
             if metrics["val_nmse"] < best:
                 best = metrics["val_nmse"]
                 save(best_path, elapsed)
-            bar.write(f"step {step} val_nmse {metrics['val_nmse']:.4e} zf {metrics['val_nmse_zf']:.4e} "
+            bar.write(f"step {step} val_nmse {metrics['val_nmse']:.4e} baseline {metrics['val_nmse_baseline']:.4e} "
                       f"gain {metrics['val_gain_db']:.2f} dB elapsed {elapsed / 60:.1f} min")
         if record:
             log.write(json.dumps(record) + "\n")
