@@ -120,7 +120,7 @@ def test_line_counts_flags_and_order(undersampled):
     assert [a.is_flag_set(ismrmrd.ACQ_LAST_IN_MEASUREMENT) for a in acqs].count(True) == 1
     assert acqs[-1].is_flag_set(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
     with h5py.File(path, "r") as f:
-        assert np.array_equal(f["pisf_groundtruth/mask"][()], result["mask"])
+        assert np.array_equal(f["dataset/pisf_groundtruth/mask"][()], result["mask"])
 
 
 def test_acquisition_geometry_and_timing(undersampled):
@@ -145,7 +145,7 @@ def test_noise_free_fully_sampled_recon_equals_ground_truth(tmp_path):
     _, acqs = read_raw(path)
     assert len(acqs) == 2 * MATRIX
     with h5py.File(path, "r") as f:
-        truth = f["pisf_groundtruth/rss"][()]
+        truth = f["dataset/pisf_groundtruth/rss"][()]
     assert truth.shape == (2, 1, MATRIX, MATRIX) and truth.dtype == np.float32
     for s in range(2):
         recon = rss(crop_x(ifft2c(kspace_of(acqs, s, 0, 4, MATRIX, MATRIX * OS)), MATRIX))
@@ -159,9 +159,9 @@ def test_undersampled_zero_filled_matches_ground_truth_model(undersampled):
     """Zero-filled recon of the file's lines == the same lines built from sensitivities x combined."""
     path, result, _, acqs = undersampled
     with h5py.File(path, "r") as f:
-        sens = f["pisf_groundtruth/sensitivities"][()]   # [slice, coil, y, x]
-        combined = f["pisf_groundtruth/combined"][()]     # [slice, phase, y, x]
-        mask = f["pisf_groundtruth/mask"][()]
+        sens = f["dataset/pisf_groundtruth/sensitivities"][()]   # [slice, coil, y, x]
+        combined = f["dataset/pisf_groundtruth/combined"][()]     # [slice, phase, y, x]
+        mask = f["dataset/pisf_groundtruth/mask"][()]
     for s, p in ((0, 0), (2, 1)):
         recon = crop_x(ifft2c(kspace_of(acqs, s, p, 6, MATRIX, MATRIX * OS)), MATRIX)
         coil_images = sens[s] * combined[s, p]
@@ -191,7 +191,7 @@ def test_noise_readout_first_and_covariance(noisy, tmp_path):
     assert np.all((neighbours >= 0.1 - 1e-9) & (neighbours <= 0.3 + 1e-9))
     assert levels.max() / levels.min() > 1.05  # unequal coil noise levels
     with h5py.File(path, "r") as f:
-        assert np.allclose(f["pisf_groundtruth/noise_covariance"][()], psi, rtol=1e-5)
+        assert np.allclose(f["dataset/pisf_groundtruth/noise_covariance"][()], psi, rtol=1e-5)
     # noise readout: 256 samples -> relative Frobenius error ~ sqrt(coils / samples) ~ 0.18
     n = first.data
     sample = n @ n.conj().T / n.shape[1]
@@ -287,3 +287,21 @@ def test_module_imports_no_torch():
     import sys
     code = "import sys, tools.simulate; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_ground_truth_lives_inside_the_raw_group(tmp_path):
+    """One top-level group only: FIRE's client.py refuses files with several without -g."""
+    from tools.groundtruth import read_groundtruth
+
+    path = tmp_path / "one_group.h5"
+    result = sim.simulate(path, matrix=32, coils=2, accel=2, acs=8, noise=0.0)
+    with h5py.File(path, "r") as f:
+        assert list(f.keys()) == ["dataset"]
+        assert {"xml", "data", "pisf_groundtruth"} <= set(f["dataset"].keys())
+    truth = read_groundtruth(path)
+    assert truth.path == "/dataset/pisf_groundtruth"
+    np.testing.assert_array_equal(truth.rss, result["rss"])
+    # files written before the move (ground truth at /pisf_groundtruth) still read
+    with h5py.File(path, "a") as f:
+        f.move("dataset/pisf_groundtruth", "pisf_groundtruth")
+    assert read_groundtruth(path).path == "/pisf_groundtruth"

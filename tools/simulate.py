@@ -1,7 +1,8 @@
 """Physics-informed ISMRMRD raw-data simulator (`pisf simulate`).
 
 Writes a Cartesian multi-coil, multi-slice (optionally cine) raw file that the inline server can
-stream, with the noise-free ground truth stored in the same HDF5 file under `/pisf_groundtruth`.
+stream, with the noise-free ground truth stored in the same HDF5 file under
+`/dataset/pisf_groundtruth` (inside the raw data's group: see tools/groundtruth.py).
 
 Model, in scanner coordinates (x = readout/LR, y = phase encode/AP, z = slice/HF; mm):
   head phantom (soft-edged tissue fractions) -> per-tissue spin-echo or spoiled-GRE signal
@@ -24,6 +25,7 @@ import ismrmrd.xsd as xsd
 import numpy as np
 
 from gadgets.numerics.fft import fftc, ifftc
+from tools.groundtruth import GROUNDTRUTH_NAME, write_groundtruth
 
 GAMMA_HZ_PER_T = 42.577478e6
 FAT_SHIFT_PPM = -3.4
@@ -31,7 +33,7 @@ TICK_MS = 2.5  # acquisition_time_stamp unit (ISMRMRD / Siemens)
 START_OF_SCAN_TICKS = int(10 * 3600 * 1000 / TICK_MS)  # 10:00:00, ticks since midnight
 READOUT_BW_PER_PIXEL_HZ = 390.625  # 5 us dwell at 512 oversampled samples
 CARDIAC_RR_MS = 1000.0
-GROUNDTRUTH_GROUP = "pisf_groundtruth"
+GROUNDTRUTH_GROUP = "dataset/" + GROUNDTRUTH_NAME  # HDF5 path of the ground truth in written files
 SEQUENCE_DEFAULTS = {  # (TR ms, TE ms, flip deg)
     "se": (2000.0, 80.0, 90.0),
     "gre": (10.0, 4.6, 15.0),
@@ -520,22 +522,19 @@ def simulate(out_path, *, matrix=256, coils=8, accel=4, acs=24, mask="equispaced
                     dataset.append_acquisition(acq)
 
     with h5py.File(out_path, "a") as f:
-        gt = f.create_group(GROUNDTRUTH_GROUP)
-        gt.create_dataset("rss", data=rss)
-        gt.create_dataset("combined", data=combined)
-        gt.create_dataset("mask", data=sampled)
-        gt.create_dataset("noise_covariance", data=covariance.astype(np.complex64))
-        gt.create_dataset("slice_position_mm", data=slice_z_mm)
-        if store_sensitivities:
-            gt.create_dataset("sensitivities", data=sensitivities)
-        gt.attrs["layout"] = ("rss, combined: [slice, phase, y=phase encode, x=readout] at the recon "
-                              "matrix; mask: [slice, phase, ky] 1 = acquired (pattern or ACS)")
-        for key, value in dict(matrix=matrix, coils=coils, accel=accel, acs=acs, mask_type=mask,
-                               oversampling=oversampling, noise=noise, partial_fourier=partial_fourier,
-                               ky_max=ky_max, sequence=sequence, tr_ms=tr, te_ms=te, flip_deg=flip,
-                               seed=seed, fov_mm=fov, slice_thickness_mm=slice_thickness,
-                               slice_gap_mm=slice_gap, field_strength_t=field_strength).items():
-            gt.attrs[key] = value
+        # Inside the raw data's group (/dataset/pisf_groundtruth), so that clients which want a
+        # single top-level group (FIRE's client.py) stream the file as it is.
+        write_groundtruth(
+            f, rss, group="dataset",
+            layout=("rss, combined: [slice, phase, y=phase encode, x=readout] at the recon "
+                    "matrix; mask: [slice, phase, ky] 1 = acquired (pattern or ACS)"),
+            attrs=dict(matrix=matrix, coils=coils, accel=accel, acs=acs, mask_type=mask,
+                       oversampling=oversampling, noise=noise, partial_fourier=partial_fourier,
+                       ky_max=ky_max, sequence=sequence, tr_ms=tr, te_ms=te, flip_deg=flip,
+                       seed=seed, fov_mm=fov, slice_thickness_mm=slice_thickness,
+                       slice_gap_mm=slice_gap, field_strength_t=field_strength),
+            combined=combined, mask=sampled, noise_covariance=covariance.astype(np.complex64),
+            slice_position_mm=slice_z_mm, sensitivities=sensitivities if store_sensitivities else None)
 
     acquisitions = counter
     result = dict(

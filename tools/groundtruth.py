@@ -1,0 +1,87 @@
+"""Ground truth stored beside ISMRMRD raw data, where other clients do not trip on it.
+
+Location: the subgroup `pisf_groundtruth` of the raw data's own group, i.e. `/dataset/pisf_groundtruth`
+for the usual group. Every client that streams the file opens that group and reads only `xml`,
+`data` and `waveforms` (FIRE's client.py also sends `image_*` groups and reads `configAdditional`);
+a second *top-level* group, where ground truth used to be (`/pisf_groundtruth`), makes FIRE's
+client refuse the file without `-g`. Readers here still accept that legacy place.
+
+Layout (what `pisf simulate` writes, `pisf replay`/`pisf demo` read; converters of fully sampled data
+write at least `rss`):
+
+    rss       float32 [slice, phase, y, x]   root-sum-of-squares magnitude at the recon matrix
+                                             (y = phase encode = image rows, x = readout = columns)
+    combined  complex64 [slice, phase, y, x] optional: coil-combined complex image
+    mask      uint8 [slice, phase, ky]       optional: 1 where a line was acquired
+    ...       any other arrays and attributes (described in the group's `layout` attribute)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+GROUNDTRUTH_NAME = "pisf_groundtruth"
+LEGACY_PATH = "/" + GROUNDTRUTH_NAME
+
+
+def groundtruth_path(group: str = "dataset") -> str:
+    """HDF5 path of the ground truth that belongs to the raw data in `group`."""
+    return f"/{group.strip('/')}/{GROUNDTRUTH_NAME}"
+
+
+@dataclass
+class GroundTruth:
+    rss: np.ndarray                       # [slice, phase, y, x]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    attrs: dict = field(default_factory=dict)
+    path: str = ""                        # where it was found in the file
+
+    def image(self, slice_index: int, phase: int) -> np.ndarray | None:
+        """The reference magnitude for one (slice, phase), or None when out of range."""
+        if 0 <= slice_index < self.rss.shape[0] and 0 <= phase < self.rss.shape[1]:
+            return self.rss[slice_index, phase]
+        return None
+
+
+def write_groundtruth(h5: h5py.File, rss: np.ndarray, group: str = "dataset", layout: str | None = None,
+                      attrs: dict | None = None, **arrays: np.ndarray) -> str:
+    """Write ground truth into an open HDF5 file next to the raw data of `group`; returns its path."""
+    rss = np.asarray(rss, dtype=np.float32)
+    if rss.ndim != 4:
+        raise ValueError(f"rss must be [slice, phase, y, x], got shape {rss.shape}")
+    path = groundtruth_path(group)
+    if path in h5:
+        del h5[path]
+    gt = h5.require_group(path)
+    gt.create_dataset("rss", data=rss)
+    for name, array in arrays.items():
+        if array is not None:
+            gt.create_dataset(name, data=array)
+    gt.attrs["layout"] = layout or "rss: [slice, phase, y=phase encode, x=readout] at the recon matrix"
+    for key, value in (attrs or {}).items():
+        gt.attrs[key] = value
+    return path
+
+
+def read_groundtruth(path: Path | str, group: str | None = "dataset", arrays: bool = False) -> GroundTruth | None:
+    """The ground truth stored with the raw data of `group` (or at the legacy top-level place).
+
+    None when the file holds none. `arrays`: also load every other array of the group.
+    """
+    candidates = [groundtruth_path(group)] if group else []
+    candidates.append(LEGACY_PATH)
+    with h5py.File(path, "r") as h5:
+        for candidate in candidates:
+            gt = h5.get(candidate)
+            if not isinstance(gt, h5py.Group) or "rss" not in gt:
+                continue
+            rss = np.asarray(gt["rss"][()], dtype=np.float32)
+            if rss.ndim == 3:   # [slice, y, x]: one phase
+                rss = rss[:, None]
+            extra = ({name: gt[name][()] for name in gt if name != "rss" and isinstance(gt[name], h5py.Dataset)}
+                     if arrays else {})
+            return GroundTruth(rss=rss, arrays=extra, attrs=dict(gt.attrs), path=candidate)
+    return None
