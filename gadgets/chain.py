@@ -41,6 +41,12 @@ class ConfigError(ValueError):
     """A chain cannot be found or is malformed; the text goes to the client."""
 
 
+def is_valid_name(name: str) -> bool:
+    """A config name as clients may send it: letters, digits, `_.-`, no separators, no `..`."""
+    name = name.strip().rstrip("\0")
+    return bool(_NAME.match(name)) and ".." not in name
+
+
 @dataclass
 class ChainSpec:
     name: str
@@ -214,7 +220,7 @@ class ChainRepository:
     def load(self, name: str) -> ChainSpec:
         name = name.strip().rstrip("\0")
         # A name is a name: no separators, no parent references, nothing absolute.
-        if not _NAME.match(name) or ".." in name:
+        if not is_valid_name(name):
             raise ConfigError(f"config {name!r} is not a valid chain name")
         stem = name
         for suffix in (".yaml", ".xml"):

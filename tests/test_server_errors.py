@@ -289,7 +289,9 @@ def test_fire_style_client_gets_its_images(server, shepp_logan_raw):
         sender.start()
         messages = read_until_close(sock)
         sender.join()
-    assert texts(messages) == []
+    # sendOriginal means nothing to our chains: said once, in a warning, and the scan goes on
+    assert len(texts(messages)) == 1 and texts(messages)[0].startswith("WARNING:")
+    assert "sendOriginal" in texts(messages)[0]
     received = images(messages)
     assert len(received) == 4
     assert {tuple(i.data.shape) for i in received} == {(1, 1, 128, 128)}

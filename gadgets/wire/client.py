@@ -36,6 +36,7 @@ class ReceivedImage:
 class ReplayResult:
     images: list[ReceivedImage] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)  # RESPONSE (id 7) texts, answers to queries
     closed: bool = False
     acquisitions_sent: int = 0
     send_seconds: float = 0.0
@@ -95,6 +96,8 @@ class _Receiver(threading.Thread):
                     self.result.texts.append(message.text)
                     if self.verbose:
                         print(f"server: {message.text}", flush=True)
+                elif isinstance(message, protocol.Response):
+                    self.result.responses.append(message.text)
                 elif isinstance(message, protocol.Close):
                     self.result.closed = True
                     return

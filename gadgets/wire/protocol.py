@@ -94,6 +94,20 @@ class Close:
     pass
 
 
+@dataclass
+class Query:
+    """Gadgetron QUERY (id 6): uint64 reserved (0), uint64 correlation id, uint64 length, text."""
+    correlation_id: int
+    text: str
+
+
+@dataclass
+class Response:
+    """Gadgetron RESPONSE (id 7): uint64 correlation id, uint64 length, text."""
+    correlation_id: int
+    text: str
+
+
 def _decode(raw: bytes) -> str:
     # FIRE-style clients NUL-terminate every string they send.
     return raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
@@ -142,6 +156,16 @@ class MessageReader:
             return Text(_decode(self._bytes(self._length(_U32, "TEXT", limits.max_text_bytes))))
         if message_id == ERROR:
             return Error(_decode(self._bytes(self._length(_U64, "ERROR", limits.max_text_bytes))))
+        if message_id == QUERY:
+            (reserved,) = _U64.unpack(self._bytes(_U64.size))
+            (correlation_id,) = _U64.unpack(self._bytes(_U64.size))
+            text = _decode(self._bytes(self._length(_U64, "QUERY", limits.max_text_bytes)))
+            if reserved:
+                raise ProtocolError(f"QUERY with a non-zero reserved field ({reserved})")
+            return Query(correlation_id, text)
+        if message_id == RESPONSE:
+            (correlation_id,) = _U64.unpack(self._bytes(_U64.size))
+            return Response(correlation_id, _decode(self._bytes(self._length(_U64, "RESPONSE", limits.max_text_bytes))))
         if message_id == ACQUISITION:
             return self._acquisition()
         if message_id == IMAGE:
@@ -243,6 +267,17 @@ def frame_text(text: str) -> bytes:
 
 def frame_error(text: str) -> bytes:
     return _string_frame(ERROR, text, _U64)
+
+
+def frame_query(text: str, correlation_id: int = 0) -> bytes:
+    """QUERY as gadgetron_ismrmrd_client -Q sends it (reserved 0, correlation id, uint64 length)."""
+    raw = text.encode("utf-8")
+    return _ID.pack(QUERY) + _U64.pack(0) + _U64.pack(correlation_id) + _U64.pack(len(raw)) + raw
+
+
+def frame_response(correlation_id: int, text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return _ID.pack(RESPONSE) + _U64.pack(correlation_id) + _U64.pack(len(raw)) + raw
 
 
 def frame_close() -> bytes:

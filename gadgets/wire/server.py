@@ -8,13 +8,14 @@ problem, then CLOSE; slices already complete are reconstructed and sent before t
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
-import json
 import logging
 import queue
 import signal
 import socket
 import ssl
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,16 +23,20 @@ from pathlib import Path
 import ismrmrd
 
 from .. import limit_blas_threads
-from ..chain import ChainRepository, ChainSpec, ConfigError, parse_chain_text, run_stages
+from ..chain import ChainRepository, ChainSpec, ConfigError, is_valid_name, run_stages
 from ..context import InputError, StreamContext, parse_header
 from ..items import Notice
 from . import protocol
+from .query import QueryAnswers
+from .session_config import (OPENRECON_NAME, apply_parameters, looks_like_json, parse_client_json,
+                             select_chain)
 from .tls import TlsSocket
 from .validate import AcquisitionValidator
 
 log = logging.getLogger("pisf.server")
 _END = object()
 _ABORT = object()  # the client is gone: open slices are dropped, not flushed
+_NOTHING = object()  # the client ended (between frames) before sending data
 
 
 _connection_ids = itertools.count(1)
@@ -173,9 +178,13 @@ class ReconServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 9002, repository: ChainRepository | None = None,
                  limits: protocol.Limits = protocol.Limits(), max_connections: int = 16,
                  io_timeout_s: float = 300.0, queue_size: int = 2048,
-                 ssl_context: ssl.SSLContext | None = None):
+                 ssl_context: ssl.SSLContext | None = None, default_chain: str = "pisf"):
         limit_blas_threads()
         self.repository = repository or ChainRepository.shared()
+        # Names that clients send for "the default reconstruction": an OpenRecon console sends
+        # `openrecon` (and its JSON may name a chain of ours in parameters.config).
+        self.aliases = {OPENRECON_NAME: default_chain}
+        self.queries = QueryAnswers(self.repository, self.aliases)
         self.limits = limits
         self.io_timeout_s = io_timeout_s
         self.queue_size = queue_size
@@ -292,14 +301,25 @@ class ReconServer:
         runner: _ChainRunner | None = None
         error: str | None = None
         abort = False  # drop open slices instead of flushing them (the client is probably gone)
+
+        def read():
+            """The next message; QUERY messages (id 6) are answered with RESPONSE (id 7) on the way."""
+            while True:
+                message = reader.read()
+                if not isinstance(message, protocol.Query):
+                    return message
+                self._answer(message, sender)
+
         try:
-            config = reader.read()
+            config = read()
             if isinstance(config, protocol.Close):
-                sender.close()
+                sender.close()  # nothing but queries (gadgetron_ismrmrd_client -Q), or nothing at all
                 return
             if not isinstance(config, (protocol.ConfigName, protocol.ConfigText)):
                 raise InputError(f"expected a config (message id 1 or 2) first, got {type(config).__name__}")
-            header_message = reader.read()
+            if isinstance(config, protocol.ConfigName) and not is_valid_name(config.name):
+                raise ConfigError(f"config {config.name!r} is not a valid chain name")  # at once
+            header_message = read()
             if isinstance(header_message, protocol.Close):
                 # A dependency query (gadgetron_ismrmrd_client): config then CLOSE, no header.
                 sender.close()
@@ -307,20 +327,41 @@ class ReconServer:
             if not isinstance(header_message, protocol.Header):
                 raise InputError(f"expected the ISMRMRD header (message id 3) after the config, "
                                  f"got {type(header_message).__name__}")
-            spec = (self.repository.load(config.name) if isinstance(config, protocol.ConfigName)
-                    else parse_chain_text(config.text, origin="CONFIG_TEXT", repository=self.repository))
             header = parse_header(header_message.text)
             context = StreamContext(header=header, log=logging.getLogger(f"pisf.{sender.name}"))
             validator = AcquisitionValidator.for_header(header)
+            # FIRE/OpenRecon: a TEXT right after the header is the client's JSON config; it may
+            # name the chain (parameters.config / customconfig) and sets stage parameters.
+            try:
+                pending = read()
+            except protocol.PeerClosed as exc:
+                if exc.mid_frame:
+                    raise
+                pending = _NOTHING
+            client_json = None
+            if isinstance(pending, protocol.Text):
+                if looks_like_json(pending.text):
+                    client_json = parse_client_json(pending.text)
+                else:
+                    log.info("%s: client says: %s", sender.name, pending.text[:500])
+                pending = None
+            spec = self._select(config, client_json, sender, context)
             log.info("%s: chain %s, encoded %s, recon %s", sender.name, spec.name,
                      context.encoding.encoded_matrix, context.encoding.recon_matrix)
+            if pending is _NOTHING:
+                log.info("%s: client closed before sending data", sender.name)
+                sender.close()
+                return
             received = 0
             while True:
-                message = reader.read()
+                if pending is not None:
+                    message, pending = pending, None
+                else:
+                    message = read()
                 if isinstance(message, protocol.Close):
                     break
                 if isinstance(message, protocol.Text):
-                    self._client_text(message.text, context, runner is None, sender.name)
+                    log.info("%s: client says: %s", sender.name, message.text[:500])
                     continue
                 if isinstance(message, protocol.Error):
                     raise InputError(f"client reported an error: {message.text}")
@@ -364,32 +405,61 @@ class ReconServer:
                 log.error("%s: %s", sender.name, runner.error)
         sender.close(error)
 
-    @staticmethod
-    def _client_text(text: str, context: StreamContext, before_data: bool, name: str) -> None:
-        """FIRE-style clients may send JSON parameters as TEXT right after the header."""
-        if before_data:
-            try:
-                parameters = json.loads(text)
-            except ValueError:
-                parameters = None
-            if isinstance(parameters, dict):
-                context.parameters.update(parameters)
-                log.info("%s: client parameters %s", name, sorted(parameters))
-                return
-        log.info("%s: client says: %s", name, text[:500])
+    def _answer(self, query: protocol.Query, sender: _Sender) -> None:
+        try:
+            answer = self.queries.answer(query.text)
+        except KeyError as exc:
+            raise InputError(exc.args[0]) from None
+        log.info("%s: query %r answered", sender.name, query.text)
+        sender.send(protocol.frame_response(query.correlation_id, answer))
+
+    def _select(self, config, client_json, sender: _Sender, context: StreamContext) -> ChainSpec:
+        """The session's chain with the client's JSON parameters applied (see session_config)."""
+        selection = select_chain(self.repository,
+                                 config.name if isinstance(config, protocol.ConfigName) else None,
+                                 config.text if isinstance(config, protocol.ConfigText) else None,
+                                 client_json, self.aliases)
+        spec = selection.spec
+        parameters = dict(client_json.parameters) if client_json is not None else {}
+        if selection.openrecon and "fire" not in parameters and "image_finish.fire" not in parameters:
+            parameters["fire"] = True  # an OpenRecon console reads FIRE-style images
+        applied = apply_parameters(spec, parameters)
+        context.parameters.update(parameters)
+        if client_json is not None:
+            log.info("%s: JSON config selects %r (chain %s); parameters applied %s", sender.name,
+                     selection.requested, spec.name, applied.applied)
+        if applied.not_in_chain:
+            log.info("%s: parameters without a stage in chain %s: %s", sender.name, spec.name,
+                     ", ".join(applied.not_in_chain))
+        if applied.noted:
+            log.info("%s: client notes %s", sender.name, applied.noted)
+        ignored = client_json.ignored_top_level if client_json is not None else []
+        warning = applied.warning(spec.name)
+        if ignored:
+            warning = ((warning + "; ") if warning else "WARNING: ") + \
+                f"JSON config keys ignored (only 'version' and 'parameters' are read): {', '.join(ignored)}"
+        if warning:
+            log.warning("%s: %s", sender.name, warning)
+            sender.send(protocol.frame_text(warning))
+        return spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=9002)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind; the loopback default admits local clients only, 0.0.0.0 every interface")
+    parser.add_argument("--port", type=int, default=9002, help="TCP port (9002 is what scanners and clients expect)")
     parser.add_argument("--config-dir", type=Path, default=None,
-                        help="directory of chain configs (default: the package's config/)")
-    parser.add_argument("--max-connections", type=int, default=16)
+                        help="directory of chain configs (default: the package's config/, or $PISF_CONFIG_DIR)")
+    parser.add_argument("--default-chain", default=None,
+                        help="chain run for clients that ask for the default reconstruction (OpenRecon's "
+                             "'openrecon'); default: pisf, or the first chain where there is no pisf")
+    parser.add_argument("--max-connections", type=int, default=16, help="scans served at once; more are told 'server busy'")
     parser.add_argument("--io-timeout", type=float, default=300.0, help="seconds a client may stay silent")
-    parser.add_argument("--max-message-mb", type=float, default=256.0, help="largest frame accepted")
+    parser.add_argument("--max-message-mb", type=float, default=256.0, help="largest frame accepted, MiB")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve over TLS (default: plain TCP)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert (default: in the cert file)")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        type=str.upper, help="server log verbosity")
 
 
 def server_ssl_context(cert: Path, key: Path | None = None) -> ssl.SSLContext:
@@ -399,16 +469,46 @@ def server_ssl_context(cert: Path, key: Path | None = None) -> ssl.SSLContext:
     return context
 
 
+def _fail(message: str) -> int:
+    print(f"pisf serve: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.config_dir is not None and not args.config_dir.is_dir():
+        return _fail(f"--config-dir {args.config_dir}: no such directory")
     repository = ChainRepository(args.config_dir) if args.config_dir else ChainRepository.shared()
+    chains = repository.names()
+    if not chains:
+        return _fail(f"no chains in {repository.directory} (YAML files with a 'stages' list)")
+    if args.default_chain is None:
+        args.default_chain = "pisf" if "pisf" in chains else chains[0]
+    elif args.default_chain not in chains:
+        return _fail(f"--default-chain {args.default_chain!r} is not a chain in {repository.directory} "
+                     f"(chains: {', '.join(chains)})")
+    if not 0 <= args.port <= 65535:
+        return _fail(f"--port {args.port} is not a TCP port (0..65535)")
     limits = protocol.Limits(max_message_bytes=int(args.max_message_mb * 1024 * 1024))
     if args.tls_key and not args.tls_cert:
-        log.error("--tls-key needs --tls-cert")
-        return 2
-    ssl_context = server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
-    server = ReconServer(args.host, args.port, repository, limits, args.max_connections, args.io_timeout,
-                         ssl_context=ssl_context)
+        return _fail("--tls-key needs --tls-cert")
+    try:
+        ssl_context = server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    except (OSError, ssl.SSLError) as exc:
+        return _fail(f"cannot load the TLS certificate/key ({args.tls_cert}, {args.tls_key or 'key in cert'}): {exc}")
+    try:
+        server = ReconServer(args.host, args.port, repository, limits, args.max_connections, args.io_timeout,
+                             ssl_context=ssl_context, default_chain=args.default_chain)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return _fail(f"port {args.port} on {args.host} is already in use (another `pisf serve` or Gadgetron?); "
+                         f"stop it or choose another with --port")
+        if exc.errno == errno.EACCES:
+            return _fail(f"no permission to listen on {args.host}:{args.port} (ports below 1024 need root); "
+                         f"choose another with --port")
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            return _fail(f"cannot listen on {args.host!r}: not an address of this machine ({exc.strerror or exc})")
+        return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
     if ssl_context is not None:
         log.info("TLS on: certificate %s", args.tls_cert)
 
