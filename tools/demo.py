@@ -3,6 +3,9 @@
 Simulates a multi-slice raw dataset, starts the embedded server as its own process, replays the
 raw data through it for each chain (as a scanner would stream it), writes ISMRMRD images and
 PNG previews, and prints per-image latency and PSNR/SSIM against the simulated ground truth.
+Beside the images, `report/` holds what tools/report.py writes: metrics.json/.csv, a side-by-side
+PNG per slice (reference, every chain, error maps on one scale), a quality+latency plot and, for
+cine (`--phases N`), an animated GIF per slice.
 """
 from __future__ import annotations
 
@@ -14,9 +17,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import h5py
-import numpy as np
 
 from gadgets.chain import ChainRepository
 from gadgets.wire.client import replay, summarise_latency, write_images, write_pngs
@@ -47,48 +47,58 @@ def start_server_process(port: int, log_path: Path, timeout_s: float = 60.0) -> 
     raise RuntimeError(f"the server did not start within {timeout_s:.0f} s; see {log_path}")
 
 
-def image_quality(result, truth_rss: np.ndarray) -> list[dict]:
-    """PSNR/SSIM/NMSE of each received image against the ground-truth RSS [slice, phase, y, x]."""
-    from tools.metrics import nmse, psnr, scale_match, ssim
-
-    rows = []
-    for received in sorted(result.images, key=lambda r: (r.image.slice, r.image.phase)):
-        image = received.image
-        truth = truth_rss[image.slice, image.phase].astype(np.float64)
-        recon = scale_match(np.asarray(image.data[0, 0], dtype=np.float64), truth)
-        rows.append(dict(slice=image.slice, phase=image.phase, psnr=psnr(truth, recon), ssim=ssim(truth, recon),
-                         nmse=nmse(truth, recon), latency_ms=(received.latency_s or float("nan")) * 1e3))
-    return rows
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory")
-    parser.add_argument("--matrix", type=int, default=256)
-    parser.add_argument("--coils", type=int, default=8)
-    parser.add_argument("--slices", type=int, default=6)
-    parser.add_argument("--accel", type=int, default=4)
-    parser.add_argument("--acs", type=int, default=24)
+    parser.add_argument("--matrix", type=int, default=256, help="recon matrix (square)")
+    parser.add_argument("--coils", type=int, default=8, help="receive coils")
+    parser.add_argument("--slices", type=int, default=6, help="slices")
+    parser.add_argument("--phases", type=int, default=1, help="cine phases (>1: an animated GIF per slice)")
+    parser.add_argument("--accel", type=int, default=4, help="undersampling factor R along ky")
+    parser.add_argument("--acs", type=int, default=24, help="fully sampled centre lines")
     parser.add_argument("--chains", nargs="+", default=None,
                         help="chains to replay through (default: every chain in config/)")
     parser.add_argument("--realtime", action="store_true", help="pace lines by their time stamps")
 
 
+def _fail(message: str) -> int:
+    print(f"pisf demo: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
+    from tools.groundtruth import GroundTruth
+    from tools.report import format_table, panels_from_images, write_report
     from tools.simulate import simulate
 
     out = args.out
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out {out} is a file; give a directory")
+    available = ChainRepository.shared().names()
+    chains = args.chains or available
+    chains = sorted(chains, key=lambda chain: chain != "zerofill")  # the baseline first, in tables and figures
+    unknown = [c for c in chains if c not in available]
+    if unknown:
+        return _fail(f"unknown chain(s) {', '.join(unknown)}; available: {', '.join(available)}")
     out.mkdir(parents=True, exist_ok=True)
     raw_path = out / "raw.h5"
-    print(f"1/3 simulating {args.slices} slices, {args.matrix}x{args.matrix}, {args.coils} coils, R={args.accel}")
-    simulated = simulate(raw_path, matrix=args.matrix, coils=args.coils, accel=args.accel, acs=args.acs,
-                         slices=args.slices, verbose=True)
-    truth = simulated["rss"]
+    print(f"1/3 simulating {args.slices} slices x {args.phases} phase(s), {args.matrix}x{args.matrix}, "
+          f"{args.coils} coils, R={args.accel}")
+    try:
+        simulated = simulate(raw_path, matrix=args.matrix, coils=args.coils, accel=args.accel, acs=args.acs,
+                             slices=args.slices, phases=args.phases, verbose=True)
+    except ValueError as exc:
+        return _fail(str(exc))
+    truth = GroundTruth(rss=simulated["rss"], path="/dataset/pisf_groundtruth")
 
     port = _free_port()
     print(f"2/3 starting the embedded server on 127.0.0.1:{port} (log: {out / 'server.log'})")
-    server = start_server_process(port, out / "server.log")
-    chains = args.chains or ChainRepository.shared().names()
+    try:
+        server = start_server_process(port, out / "server.log")
+    except RuntimeError as exc:
+        return _fail(str(exc))
     failures = 0
+    panels = {}
+    images_path = out / "images.h5"
     try:
         for chain in chains:
             print(f"3/3 replaying {raw_path} through chain '{chain}' ({chains.index(chain) + 1} of {len(chains)})")
@@ -98,22 +108,21 @@ def run(args: argparse.Namespace) -> int:
                 print(f"chain {chain}: FAILED ({'; '.join(result.errors) or result.error})")
                 failures += 1
                 continue
-            images_path = out / "images.h5"
             write_images(result, images_path, group=chain)
             pngs = write_pngs(result, out / f"png_{chain}")
-            rows = image_quality(result, truth)
             print(f"\nchain {chain}: {len(result.images)} images -> {images_path} (group '{chain}'), "
-                  f"{len(pngs)} PNGs in {out / f'png_{chain}'}")
-            print(" slice phase   PSNR dB   SSIM     NMSE    latency ms")
-            for row in rows:
-                print(f" {row['slice']:5d} {row['phase']:5d} {row['psnr']:9.2f} {row['ssim']:7.4f} "
-                      f"{row['nmse']:8.5f} {row['latency_ms']:11.1f}")
-            print(f" mean PSNR {np.mean([r['psnr'] for r in rows]):.2f} dB, mean SSIM "
-                  f"{np.mean([r['ssim'] for r in rows]):.4f}; {summarise_latency(result.latencies())}\n")
+                  f"{len(pngs)} PNGs in {out / f'png_{chain}'}; {summarise_latency(result.latencies())}")
+            panels.update(panels_from_images(result.images, chain))
     finally:
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+    if panels:
+        report = write_report(out / "report", panels, truth,
+                              f"simulated {args.matrix}x{args.matrix}, {args.coils} coils, R={args.accel}")
+        print("\nquality against the simulated ground truth:")
+        print(format_table(report.rows))
+        print(f"\nreport in {out / 'report'}: " + ", ".join(p.name for p in report.files))
     return 1 if failures else 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import h5py
@@ -554,23 +555,25 @@ def simulate(out_path, *, matrix=256, coils=8, accel=4, acs=24, mask="equispaced
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output ISMRMRD raw file (.h5), overwritten")
-    parser.add_argument("--matrix", type=int, default=256, help="recon matrix (square)")
-    parser.add_argument("--coils", type=int, default=8)
+    parser.add_argument("--matrix", type=int, default=256, help="recon matrix (square, even, >= 16)")
+    parser.add_argument("--coils", type=int, default=8, help="receive coils (loop coils around the head)")
     parser.add_argument("--accel", type=int, default=4, help="undersampling factor R along ky")
     parser.add_argument("--acs", type=int, default=24, help="fully sampled centre lines")
-    parser.add_argument("--mask", choices=("equispaced", "random"), default="equispaced")
-    parser.add_argument("--slices", type=int, default=1)
+    parser.add_argument("--mask", choices=("equispaced", "random"), default="equispaced",
+                        help="undersampling pattern outside the ACS block")
+    parser.add_argument("--slices", type=int, default=1, help="slices")
     parser.add_argument("--phases", type=int, default=1, help="cine phases (>1 adds motion)")
     parser.add_argument("--oversampling", type=int, default=2, help="readout oversampling factor")
     parser.add_argument("--noise", type=float, default=0.02,
                         help="noise std per coil sample relative to the brightest tissue")
     parser.add_argument("--partial-fourier", type=float, default=1.0,
                         help="fraction of ky acquired from ky=0 (0.5..1)")
-    parser.add_argument("--sequence", choices=tuple(SEQUENCE_DEFAULTS), default="se")
-    parser.add_argument("--tr", type=float, default=None, help="ms (se 2000, gre 10)")
-    parser.add_argument("--te", type=float, default=None, help="ms (se 80, gre 4.6)")
-    parser.add_argument("--flip", type=float, default=None, help="deg (se 90, gre 15)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sequence", choices=tuple(SEQUENCE_DEFAULTS), default="se",
+                        help="spin echo or spoiled gradient echo signal equations")
+    parser.add_argument("--tr", type=float, default=None, help="ms (default: se 2000, gre 10)")
+    parser.add_argument("--te", type=float, default=None, help="ms (default: se 80, gre 4.6)")
+    parser.add_argument("--flip", type=float, default=None, help="deg (default: se 90, gre 15)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (anatomy, coils, noise, mask)")
     parser.add_argument("--fov", type=float, default=220.0, help="recon field of view, mm")
     parser.add_argument("--slice-thickness", type=float, default=5.0, help="mm")
     parser.add_argument("--slice-gap", type=float, default=1.0, help="mm")
@@ -579,12 +582,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also store the coil sensitivities in the ground-truth group")
 
 
+def _check(args: argparse.Namespace) -> str | None:
+    """The first value that cannot be simulated, as one line (None: all fine)."""
+    checks = [
+        (args.matrix >= 16 and args.matrix % 2 == 0, f"--matrix {args.matrix}: must be even and at least 16"),
+        (args.coils >= 1, f"--coils {args.coils}: must be at least 1"),
+        (args.accel >= 1, f"--accel {args.accel}: must be at least 1"),
+        (args.acs >= 0, f"--acs {args.acs}: must be 0 or more"),
+        (args.slices >= 1, f"--slices {args.slices}: must be at least 1"),
+        (args.phases >= 1, f"--phases {args.phases}: must be at least 1"),
+        (args.oversampling >= 1, f"--oversampling {args.oversampling}: must be at least 1"),
+        (args.noise >= 0 and np.isfinite(args.noise), f"--noise {args.noise}: must be 0 or more"),
+        (0.5 <= args.partial_fourier <= 1.0, f"--partial-fourier {args.partial_fourier}: must be in 0.5..1"),
+        (args.fov > 0, f"--fov {args.fov}: must be positive"),
+        (args.slice_thickness > 0, f"--slice-thickness {args.slice_thickness}: must be positive"),
+        (args.slice_gap >= 0, f"--slice-gap {args.slice_gap}: must be 0 or more"),
+        (args.field_strength > 0, f"--field-strength {args.field_strength}: must be positive"),
+        (args.tr is None or args.tr > 0, f"--tr {args.tr}: must be positive"),
+        (args.te is None or args.te >= 0, f"--te {args.te}: must be 0 or more"),
+        (args.flip is None or 0 < args.flip <= 180, f"--flip {args.flip}: must be in (0, 180]"),
+        (args.matrix * args.matrix * args.oversampling * args.coils * args.slices * args.phases <= 2 ** 31,
+         "the raw data would exceed 16 GiB: fewer slices, phases, coils or a smaller matrix"),
+    ]
+    for fine, message in checks:
+        if not fine:
+            return message
+    out = os.path.abspath(args.out)
+    if os.path.isdir(out):
+        return f"--out {args.out} is a directory; give a file name such as {os.path.join(args.out, 'raw.h5')}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    simulate(args.out, matrix=args.matrix, coils=args.coils, accel=args.accel, acs=args.acs,
-             mask=args.mask, slices=args.slices, phases=args.phases, oversampling=args.oversampling,
-             noise=args.noise, partial_fourier=args.partial_fourier, sequence=args.sequence,
-             tr=args.tr, te=args.te, flip=args.flip, seed=args.seed, fov=args.fov,
-             slice_thickness=args.slice_thickness, slice_gap=args.slice_gap,
-             field_strength=args.field_strength, store_sensitivities=args.store_sensitivities,
-             verbose=True)
-    return 0
+    problem = _check(args)
+    if problem is None:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        try:
+            simulate(args.out, matrix=args.matrix, coils=args.coils, accel=args.accel, acs=args.acs,
+                     mask=args.mask, slices=args.slices, phases=args.phases, oversampling=args.oversampling,
+                     noise=args.noise, partial_fourier=args.partial_fourier, sequence=args.sequence,
+                     tr=args.tr, te=args.te, flip=args.flip, seed=args.seed, fov=args.fov,
+                     slice_thickness=args.slice_thickness, slice_gap=args.slice_gap,
+                     field_strength=args.field_strength, store_sensitivities=args.store_sensitivities,
+                     verbose=True)
+            return 0
+        except ValueError as exc:   # combinations checked by simulate() itself (partial Fourier vs ACS)
+            problem = str(exc)
+        except OSError as exc:
+            problem = f"cannot write {args.out}: {exc.strerror or exc}"
+    print(f"pisf simulate: error: {problem}", file=sys.stderr)
+    return 2

@@ -1,12 +1,12 @@
-"""`pisf replay`: stream an ISMRMRD raw file to a recon server like a scanner, collect the images.
+"""The streaming client behind `pisf replay` (front end: tools/replay.py): send an ISMRMRD raw file
+to a recon server like a scanner, collect what comes back.
 
-Images are written as ISMRMRD image groups (as gadgetron_ismrmrd_client does) and as PNG
-previews; every TEXT from the server is printed; per-image latency is measured from sending
-the last line of a slice to receiving its image.
+Images are written as ISMRMRD image arrays (as gadgetron_ismrmrd_client does) and as PNG
+previews; every TEXT from the server is kept; per-image latency is measured from sending the
+last line of a slice to receiving its image.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import socket
 import ssl
@@ -55,8 +55,69 @@ class ReplayResult:
 _hdf5_lock = threading.Lock()
 
 
-def read_raw(path: Path | str, group: str = "dataset"):
-    """(header text, acquisitions) of an ISMRMRD HDF5 file, opened read-only."""
+class RawFileError(ValueError):
+    """The file cannot be replayed; the message says why in one line."""
+
+
+def raw_groups(path: Path | str) -> list[str]:
+    """Groups of an HDF5 file that hold ISMRMRD raw data (`xml` and `data`), top level first."""
+    import h5py
+
+    found = []
+    with _hdf5_lock, h5py.File(path, "r") as h5:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Group) and "xml" in obj and "data" in obj:
+                found.append(name)
+        h5.visititems(visit)
+    return sorted(found, key=lambda name: (name.count("/"), name))
+
+
+def resolve_raw_group(path: Path | str, group: str | None = None) -> str:
+    """The raw data group to stream: `group` if given (checked), else `dataset`, else the only one.
+
+    Raises RawFileError (missing file, not HDF5, no ISMRMRD raw data, ambiguous or unknown group).
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise RawFileError(f"{path}: no such file")
+    if path.is_dir():
+        raise RawFileError(f"{path} is a directory; give an ISMRMRD raw data file (.h5)")
+    try:
+        is_hdf5 = h5py.is_hdf5(str(path))
+    except OSError as exc:
+        raise RawFileError(f"{path}: cannot be read ({exc})") from None
+    if not is_hdf5:
+        with open(path, "rb") as handle:
+            start = handle.read(512)
+        kind = "a text file" if start and all(32 <= b < 127 or b in (9, 10, 13) for b in start) else "not HDF5"
+        raise RawFileError(f"{path} is {kind}, not an ISMRMRD raw data file (HDF5 with a group holding "
+                           f"'xml' and 'data')")
+    groups = raw_groups(path)
+    if group is not None:
+        group = group.strip("/")
+        if group in groups:
+            return group
+        raise RawFileError(f"{path} has no ISMRMRD raw data in group {group!r}; "
+                           + (f"raw data groups: {', '.join(groups)}" if groups else "it holds none"))
+    if not groups:
+        with _hdf5_lock, h5py.File(path, "r") as h5:
+            top = ", ".join(h5.keys()) or "none"
+        raise RawFileError(f"{path} is HDF5 but holds no ISMRMRD raw data (no group with 'xml' and 'data'; "
+                           f"top-level entries: {top})")
+    if "dataset" in groups or len(groups) == 1:
+        return "dataset" if "dataset" in groups else groups[0]
+    raise RawFileError(f"{path} holds raw data in several groups ({', '.join(groups)}); choose one with -g")
+
+
+def read_raw(path: Path | str, group: str | None = "dataset"):
+    """(header text, acquisitions) of an ISMRMRD HDF5 file, opened read-only.
+
+    `group=None` picks the group as resolve_raw_group does (and checks the file first).
+    """
+    if group is None:
+        group = resolve_raw_group(path)
     with _hdf5_lock:
         try:
             dataset = ismrmrd.Dataset(str(path), group, create_if_needed=False, mode="r")
@@ -72,10 +133,25 @@ def read_raw(path: Path | str, group: str = "dataset"):
     return header, acquisitions
 
 
+def expected_images(acquisitions) -> int:
+    """Images a one-series chain returns: one per (slice, contrast, phase, repetition, set) with data."""
+    keys = {SliceKey.of(a.idx) for a in acquisitions
+            if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+            and not a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)}
+    return len(keys)
+
+
 class _Receiver(threading.Thread):
-    def __init__(self, sock: socket.socket, result: ReplayResult, sent_times: dict, verbose: bool):
+    def __init__(self, sock: socket.socket, result: ReplayResult, sent_times: dict, verbose: bool, bar=None):
         super().__init__(name="replay-receiver", daemon=True)
         self.sock, self.result, self.sent_times, self.verbose = sock, result, sent_times, verbose
+        self.bar = bar  # progress of images received (of expected)
+
+    def _print(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
 
     def run(self) -> None:
         reader = protocol.MessageReader(protocol.socket_reader(self.sock))
@@ -88,14 +164,18 @@ class _Receiver(threading.Thread):
                     sent = self.sent_times.get(key)
                     latency = now - sent if sent is not None else None
                     self.result.images.append(ReceivedImage(message, latency))
+                    if self.bar is not None:
+                        if len(self.result.images) > self.bar.total:
+                            self.bar.total = len(self.result.images)  # more series than expected
+                        self.bar.update()
                     if self.verbose:
                         shown = f"{latency * 1e3:7.1f} ms" if latency is not None else "      n/a"
-                        print(f"image {message.image_index:4d}  series {message.image_series_index}  {key}  "
-                              f"{tuple(message.matrix_size)}  latency {shown}", flush=True)
+                        self._print(f"image {message.image_index:4d}  series {message.image_series_index}  {key}  "
+                                    f"{tuple(message.matrix_size)}  latency {shown}")
                 elif isinstance(message, (protocol.Text, protocol.Error)):
                     self.result.texts.append(message.text)
                     if self.verbose:
-                        print(f"server: {message.text}", flush=True)
+                        self._print(f"server: {message.text}")
                 elif isinstance(message, protocol.Response):
                     self.result.responses.append(message.text)
                 elif isinstance(message, protocol.Close):
@@ -125,29 +205,32 @@ def replay(raw_path: Path | str, host: str = "127.0.0.1", port: int = 9002, conf
         header_text, acquisitions = read_raw(raw_path)
     result = ReplayResult()
     sent_times: dict[SliceKey, float] = {}
-    sock = socket.create_connection((host, port), timeout=timeout_s)
+    sock = socket.create_connection((host, port), timeout=timeout_s)  # OSError (refused, ...) to the caller
     if tls:
         try:
             sock = TlsSocket(client_ssl_context(tls_ca), sock, server_side=False, server_hostname=host)
         except BaseException:
             sock.close()
             raise
+    bars = []
+    if progress:
+        from tqdm import tqdm
+        bars.append(tqdm(total=len(acquisitions), unit="line", desc="streaming", file=sys.stderr, position=0))
+        bars.append(tqdm(total=max(expected_images(acquisitions), 1), unit="image", desc="images   ",
+                         file=sys.stderr, position=1))
     with sock:
-        receiver = _Receiver(sock, result, sent_times, verbose)
+        receiver = _Receiver(sock, result, sent_times, verbose, bars[1] if bars else None)
         receiver.start()
         send = sock.sendall
-        send(protocol.frame_config_text(config_text) if config_text is not None
-             else protocol.frame_config_name(config))
-        send(protocol.frame_header(header_text))
-        if parameters is not None:
-            send(protocol.frame_text(parameters))
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(acquisitions), unit="line", desc="streaming", file=sys.stderr)
+        bar = bars[0] if bars else None
         start = time.monotonic()
         first_stamp = None
         try:
+            send(protocol.frame_config_text(config_text) if config_text is not None
+                 else protocol.frame_config_name(config))
+            send(protocol.frame_header(header_text))
+            if parameters is not None:
+                send(protocol.frame_text(parameters))
             for acquisition in acquisitions:
                 if realtime:
                     stamp = acquisition.acquisition_time_stamp
@@ -165,11 +248,14 @@ def replay(raw_path: Path | str, host: str = "127.0.0.1", port: int = 9002, conf
             send(protocol.frame_close())
         except OSError as exc:
             result.error = f"sending failed after {result.acquisitions_sent} acquisitions: {exc}"
-        finally:
-            if bar is not None:
-                bar.close()
         result.send_seconds = time.monotonic() - start
+        if bar is not None:
+            bar.close()  # sent; the images bar goes on while the last slices reconstruct
         receiver.join(timeout_s)
+        if receiver.is_alive() and result.error is None:
+            result.error = f"no CLOSE from the server within {timeout_s:.0f} s after the last line"
+    if bars:
+        bars[1].close()
     return result
 
 
@@ -180,17 +266,72 @@ def client_ssl_context(ca: Path | str | None = None) -> ssl.SSLContext:
     return context
 
 
-def write_images(result: ReplayResult, out_path: Path | str, group: str | None = None) -> str:
-    """Append received images as ISMRMRD image groups `<group>/image_<series>`; returns the group."""
-    group = group or datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+def default_group_name(prefix: str = "pisf") -> str:
+    """A shell-friendly output group name: `pisf_20261122_101500` (no spaces, no colons)."""
+    return f"{prefix}_{datetime.datetime.now().strftime('%Y%m%d_%H%M%S')}"
+
+
+def _existing_image_arrays(out_path: Path, group: str) -> dict[str, tuple]:
+    """image array name -> (shape of one image, dtype) already in `out_path`/`group`."""
+    import h5py
+
+    if not out_path.exists():
+        return {}
+    with h5py.File(out_path, "r") as h5:
+        node = h5.get(group)
+        if not isinstance(node, h5py.Group):
+            return {}
+        return {name: (tuple(node[name]["data"].shape[1:]), node[name]["data"].dtype)
+                for name in node if isinstance(node[name], h5py.Group) and "data" in node[name]}
+
+
+def plan_image_arrays(images: list[ismrmrd.Image], existing: dict[str, tuple] | None = None) -> dict[str, list]:
+    """Image array name -> images, so that every array holds one shape and data type.
+
+    `image_<series>` (as gadgetron_ismrmrd_client and FIRE's client name them) takes the series'
+    first shape; images of another shape in the same series (foreign servers send them: a
+    localiser, a resized map) go to `image_<series>_<x>x<y>x<z>[_<dtype>]` instead of failing the file.
+    """
+    existing = dict(existing or {})
+    plan: dict[str, list] = {}
+    for image in images:
+        signature = (tuple(image.data.shape), np.dtype(image.data.dtype))
+        base = f"image_{image.image_series_index}"
+        x, y, z = (int(v) for v in image.matrix_size)
+        candidates = [base, f"{base}_{x}x{y}x{z}", f"{base}_{x}x{y}x{z}_{signature[1].name}"]
+        for name in candidates:
+            if existing.setdefault(name, signature) == signature:
+                plan.setdefault(name, []).append(image)
+                break
+        else:  # same size and dtype but another channel count, say: number it
+            number = 2
+            while existing.setdefault(f"{base}_{number}", signature) != signature:
+                number += 1
+            plan.setdefault(f"{base}_{number}", []).append(image)
+    return plan
+
+
+def write_images(result: ReplayResult, out_path: Path | str, group: str | None = None,
+                 arrays: list[str] | None = None) -> str:
+    """Append received images as ISMRMRD image arrays `<group>/image_<series>`; returns the group.
+
+    `arrays`, when given, receives the array names written. Images of a series that differ in shape go to arrays of their
+    own (see plan_image_arrays): nothing received is dropped and no array is left half written.
+    """
+    out_path = Path(out_path)
+    group = group or default_group_name()
     with _hdf5_lock:
+        plan = plan_image_arrays([r.image for r in result.images], _existing_image_arrays(out_path, group))
         dataset = ismrmrd.Dataset(str(out_path), group, create_if_needed=True)
         try:
-            for received in result.images:
-                dataset.append_image(f"image_{received.image.image_series_index}", received.image)
+            for name, images in plan.items():
+                for image in images:
+                    dataset.append_image(name, image)
         finally:
             dataset.close()
             del dataset
+    if arrays is not None:
+        arrays.extend(plan)
     return group
 
 
@@ -232,45 +373,3 @@ def summarise_latency(latencies: list[float]) -> str:
     ms = np.array(latencies) * 1e3
     return (f"latency over {len(ms)} images: p50 {np.percentile(ms, 50):.1f} ms, p95 {np.percentile(ms, 95):.1f} ms, "
             f"max {ms.max():.1f} ms")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("raw", type=Path, help="ISMRMRD HDF5 raw file (group 'dataset')")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9002)
-    parser.add_argument("--config", default="zerofill", help="chain name sent as CONFIG_FILE (id 1)")
-    parser.add_argument("--config-file", type=Path, help="send this file's text as CONFIG_TEXT (id 2) instead")
-    parser.add_argument("--parameters", help="JSON text sent as TEXT after the header (FIRE style)")
-    parser.add_argument("--out", type=Path, help="write received images to this ISMRMRD HDF5 file")
-    parser.add_argument("--out-group", help="image group name (default: current date and time)")
-    parser.add_argument("--png", type=Path, help="write PNG previews into this directory")
-    parser.add_argument("--dicom", type=Path, help="write the images as DICOM MR series into this directory")
-    parser.add_argument("--realtime", action="store_true", help="pace lines by their acquisition time stamps")
-    parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--tls", action="store_true", help="connect over TLS (server started with --tls-cert)")
-    parser.add_argument("--tls-ca", type=Path, help="PEM CA certificate to verify the server with (implies --tls)")
-
-
-def run(args: argparse.Namespace) -> int:
-    config_text = args.config_file.read_text() if args.config_file else None
-    result = replay(args.raw, args.host, args.port, args.config, config_text, args.realtime, args.parameters,
-                    verbose=True, progress=True, timeout_s=args.timeout,
-                    tls=args.tls or args.tls_ca is not None, tls_ca=args.tls_ca)
-    print(f"sent {result.acquisitions_sent} acquisitions in {result.send_seconds:.2f} s, "
-          f"received {len(result.images)} images")
-    print(summarise_latency(result.latencies()))
-    if args.out and result.images:
-        group = write_images(result, args.out, args.out_group)
-        print(f"images written to {args.out} group '{group}'")
-    if args.png and result.images:
-        print(f"{len(write_pngs(result, args.png))} PNG previews in {args.png}")
-    if getattr(args, "dicom", None) and result.images:
-        from ..context import parse_header
-        from ..formats.dicom import write_dicom
-
-        paths = write_dicom([r.image for r in result.images], args.dicom,
-                            header=parse_header(read_raw(args.raw)[0]))
-        print(f"{len(paths)} DICOM files in {args.dicom}")
-    if result.error:
-        print(f"error: {result.error}", file=sys.stderr)
-    return 1 if (result.error or result.errors or not result.closed) else 0

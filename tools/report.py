@@ -1,0 +1,348 @@
+"""What a physicist looks at after a replay: metrics, side-by-side figures, a quality/latency plot, cine GIFs.
+
+`pisf replay` and `pisf demo` call write_report() with the images of each chain (and a locally
+computed zero-filled recon), plus the ground truth when the raw file carries one
+(tools/groundtruth.py). Written into one directory:
+
+    metrics.json, metrics.csv   one row per chain and image: slice, phase, PSNR, SSIM, NMSE, latency
+    compare_slice000.png        per slice: reference | each chain, windowed as a console would
+                                (the image's WindowCenter/WindowWidth), and below each chain its
+                                error map |recon - reference| on one colour scale (% of the
+                                reference maximum, colour bar), PSNR/SSIM in the titles
+    quality_latency.png         PSNR, SSIM and latency per image for every chain
+    cine_slice000.gif           multi-phase (cine) scans: the same panels through the phases
+
+Metrics are the fastMRI ones (tools/metrics.py) after a least-squares scale match of each image
+to the reference. matplotlib is imported here only, never by the server runtime.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tools.groundtruth import GroundTruth
+
+
+@dataclass
+class Panel:
+    """One displayed image: a 2D magnitude plane, its display window and its latency."""
+    data: np.ndarray
+    window: tuple[float, float]
+    latency_ms: float | None = None
+
+
+@dataclass
+class Report:
+    directory: Path
+    rows: list[dict] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- images -> panels
+
+def image_plane(image) -> np.ndarray:
+    """The displayed plane of an ismrmrd.Image (first channel, middle z) as float64 [y, x]."""
+    data = np.asarray(image.data)
+    plane = data[0, data.shape[1] // 2]
+    return np.abs(plane).astype(np.float64) if np.iscomplexobj(plane) else plane.astype(np.float64)
+
+
+def console_window(image) -> tuple[float, float]:
+    """(low, high) as the console windows it: WindowCenter/WindowWidth meta, else percentiles."""
+    try:
+        centre, width = float(image.meta["WindowCenter"]), float(image.meta["WindowWidth"])
+        if width > 0:
+            return centre - width / 2, centre + width / 2
+    except (KeyError, ValueError, TypeError):
+        pass
+    return percentile_window(image_plane(image))
+
+
+def percentile_window(plane: np.ndarray) -> tuple[float, float]:
+    """The rule image_finish uses for its meta window: 1st to 99.5th percentile."""
+    low, high = np.percentile(plane, [1.0, 99.5])
+    return float(low), float(max(high, low + 1e-6))
+
+
+def panels_from_images(received, label: str) -> dict[str, dict[tuple[int, int], Panel]]:
+    """label -> {(slice, phase): Panel} from ReceivedImage objects; one label per image series
+    (`label` alone when the chain sent one series)."""
+    series = sorted({r.image.image_series_index for r in received})
+    panels: dict[str, dict[tuple[int, int], Panel]] = {}
+    for r in received:
+        image = r.image
+        name = label if len(series) == 1 else f"{label} s{image.image_series_index}"
+        latency = r.latency_s * 1e3 if r.latency_s is not None else None
+        panels.setdefault(name, {}).setdefault((int(image.slice), int(image.phase)),
+                                               Panel(image_plane(image), console_window(image), latency))
+    return panels
+
+
+# ---------------------------------------------------------------- metrics
+
+def compute_rows(panels: dict[str, dict[tuple[int, int], Panel]], reference: GroundTruth | None) -> tuple[list[dict], list[str]]:
+    """One row per (label, slice, phase): PSNR/SSIM/NMSE against the reference (None without one)."""
+    from tools.metrics import nmse, psnr, scale_match, ssim
+
+    rows, notes = [], []
+    for label, images in panels.items():
+        for (slice_index, phase), panel in sorted(images.items()):
+            row = dict(chain=label, slice=slice_index, phase=phase, psnr_db=None, ssim=None, nmse=None,
+                       latency_ms=None if panel.latency_ms is None else round(panel.latency_ms, 1))
+            truth = reference.image(slice_index, phase) if reference is not None else None
+            if truth is not None and truth.shape == panel.data.shape and truth.max() > 0:
+                matched = scale_match(panel.data, truth)
+                row.update(psnr_db=round(psnr(truth, matched), 3), ssim=round(ssim(truth, matched), 4),
+                           nmse=round(nmse(truth, matched), 6))
+            elif truth is not None:
+                notes.append(f"{label} slice {slice_index} phase {phase}: image {panel.data.shape} and reference "
+                             f"{truth.shape} differ in size; no metrics")
+            rows.append(row)
+    return rows, notes
+
+
+def summary(rows: list[dict]) -> dict[str, dict]:
+    """Per chain: images, mean PSNR/SSIM (where measured), latency p50/p95/max."""
+    out = {}
+    for label in dict.fromkeys(r["chain"] for r in rows):
+        mine = [r for r in rows if r["chain"] == label]
+        psnrs = [r["psnr_db"] for r in mine if r["psnr_db"] is not None]
+        ssims = [r["ssim"] for r in mine if r["ssim"] is not None]
+        latencies = [r["latency_ms"] for r in mine if r["latency_ms"] is not None]
+        out[label] = dict(
+            images=len(mine),
+            mean_psnr_db=round(float(np.mean(psnrs)), 3) if psnrs else None,
+            mean_ssim=round(float(np.mean(ssims)), 4) if ssims else None,
+            latency_p50_ms=round(float(np.percentile(latencies, 50)), 1) if latencies else None,
+            latency_p95_ms=round(float(np.percentile(latencies, 95)), 1) if latencies else None,
+            latency_max_ms=round(float(np.max(latencies)), 1) if latencies else None)
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    """The console table: one line per image, then one summary line per chain."""
+    lines = [f" {'chain':<14} slice phase   PSNR dB   SSIM      NMSE   latency ms"]
+    for r in rows:
+        def show(value, fmt):
+            return format(value, fmt) if value is not None else "-".rjust(len(format(0.0, fmt)))
+        lines.append(f" {r['chain']:<14} {r['slice']:5d} {r['phase']:5d} {show(r['psnr_db'], '9.2f')} "
+                     f"{show(r['ssim'], '7.4f')} {show(r['nmse'], '9.5f')} {show(r['latency_ms'], '12.1f')}")
+    for label, s in summary(rows).items():
+        quality = (f"mean PSNR {s['mean_psnr_db']:.2f} dB, mean SSIM {s['mean_ssim']:.4f}"
+                   if s["mean_psnr_db"] is not None else "no ground truth: no PSNR/SSIM")
+        latency = (f"latency p50 {s['latency_p50_ms']:.1f} / p95 {s['latency_p95_ms']:.1f} / max "
+                   f"{s['latency_max_ms']:.1f} ms" if s["latency_p50_ms"] is not None else "latency not measured")
+        lines.append(f" {label}: {s['images']} images, {quality}; {latency}")
+    return "\n".join(lines)
+
+
+def write_metrics(directory: Path, rows: list[dict], title: str) -> list[Path]:
+    json_path, csv_path = directory / "metrics.json", directory / "metrics.csv"
+    json_path.write_text(json.dumps(dict(title=title, metric_note=(
+        "PSNR/SSIM/NMSE (fastMRI definitions, data range = reference max) after a least-squares "
+        "scale match of each image to the ground-truth RSS; latency = last line sent -> image received"),
+        summary=summary(rows), rows=rows), indent=2))
+    fields = ["chain", "slice", "phase", "psnr_db", "ssim", "nmse", "latency_ms"]
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row[k] is None else row[k]) for k in fields})
+    return [json_path, csv_path]
+
+
+# ---------------------------------------------------------------- figures
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _nice_ceiling(value: float) -> float:
+    """1, 2 or 5 times a power of ten, >= value (colour-bar limits people can read)."""
+    if value <= 0 or not math.isfinite(value):
+        return 1.0
+    exponent = math.floor(math.log10(value))
+    for step in (1, 2, 5, 10):
+        if step * 10 ** exponent >= value:
+            return step * 10 ** exponent
+    return 10 ** (exponent + 1)
+
+
+def _error_maps(panels, key, truth) -> tuple[dict[str, np.ndarray], float]:
+    """label -> |scale-matched recon - reference| in % of the reference max; one common scale."""
+    from tools.metrics import scale_match
+
+    maps = {}
+    for label, images in panels.items():
+        panel = images.get(key)
+        if panel is None or truth is None or panel.data.shape != truth.shape or truth.max() <= 0:
+            continue
+        maps[label] = np.abs(scale_match(panel.data, truth) - truth) / truth.max() * 100.0
+    if not maps:
+        return maps, 1.0
+    # One scale for all chains: the median of their 99th percentiles, so the better chains'
+    # errors stay visible; larger errors saturate (said in the figure).
+    scale = _nice_ceiling(float(np.median([np.percentile(m, 99.0) for m in maps.values()])))
+    return maps, scale
+
+
+def compare_figure(path: Path, panels, key, truth: np.ndarray | None, rows_by_key: dict, title: str) -> None:
+    plt = _pyplot()
+    labels = list(panels)
+    columns = (["reference"] if truth is not None else []) + labels
+    maps, scale = _error_maps(panels, key, truth)
+    nrows = 2 if maps else 1
+    fig, axes = plt.subplots(nrows, len(columns), figsize=(3.1 * len(columns), 3.3 * nrows + 0.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_frame_on(False)
+    for column, name in enumerate(columns):
+        ax = axes[0, column]
+        if name == "reference":
+            low, high = percentile_window(truth)
+            ax.imshow(truth, cmap="gray", vmin=low, vmax=high, interpolation="nearest")
+            ax.set_title("reference (ground truth)", fontsize=9)
+            continue
+        panel = panels[name].get(key)
+        if panel is None:
+            ax.set_title(f"{name}: no image", fontsize=9)
+            continue
+        low, high = panel.window
+        ax.imshow(panel.data, cmap="gray", vmin=low, vmax=high, interpolation="nearest")
+        row = rows_by_key.get((name, key))
+        subtitle = (f"\nPSNR {row['psnr_db']:.2f} dB  SSIM {row['ssim']:.3f}"
+                    if row is not None and row["psnr_db"] is not None else "")
+        latency = f"  {panel.latency_ms:.0f} ms" if panel.latency_ms is not None else ""
+        ax.set_title(f"{name}{latency}{subtitle}", fontsize=9)
+        if nrows == 2 and name in maps:
+            error_ax = axes[1, column]
+            shown = error_ax.imshow(maps[name], cmap="inferno", vmin=0.0, vmax=scale, interpolation="nearest")
+            error_ax.set_title(f"|{name} - reference|", fontsize=9)
+            bar = fig.colorbar(shown, ax=error_ax, fraction=0.046, pad=0.02)
+            bar.set_label("% of reference max", fontsize=8)
+            bar.ax.tick_params(labelsize=7)
+    if nrows == 2 and truth is not None:
+        axes[1, 0].text(0.5, 0.5, f"error maps after a least-\nsquares scale match:\none colour scale,\n"
+                                  f"0 .. {scale:g} % of the\nreference maximum\n(larger errors saturate)",
+                        ha="center", va="center", fontsize=9, transform=axes[1, 0].transAxes)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def quality_latency_figure(path: Path, rows: list[dict], title: str) -> None:
+    plt = _pyplot()
+    has_quality = any(r["psnr_db"] is not None for r in rows)
+    has_latency = any(r["latency_ms"] is not None for r in rows)
+    metrics = ([("psnr_db", "PSNR (dB)"), ("ssim", "SSIM")] if has_quality else []) + \
+        ([("latency_ms", "latency (ms)")] if has_latency else [])
+    if not metrics:
+        return
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 2.4 * len(metrics) + 0.6), sharex=True, squeeze=False)
+    keys = sorted({(r["slice"], r["phase"]) for r in rows})
+    position = {key: i for i, key in enumerate(keys)}
+    for ax, (name, label) in zip(axes[:, 0], metrics):
+        for chain in dict.fromkeys(r["chain"] for r in rows):
+            mine = [r for r in rows if r["chain"] == chain and r[name] is not None]
+            if mine:
+                ax.plot([position[(r["slice"], r["phase"])] for r in mine], [r[name] for r in mine], "o-",
+                        label=chain, markersize=4)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8, loc="best")
+    phases = len({k[1] for k in keys})
+    ticks = [f"s{s}" + (f"p{p}" if phases > 1 else "") for s, p in keys]
+    step = max(1, len(ticks) // 24)
+    axes[-1, 0].set_xticks(range(0, len(ticks), step))
+    axes[-1, 0].set_xticklabels(ticks[::step], fontsize=8, rotation=45 if len(ticks) > 12 else 0)
+    axes[-1, 0].set_xlabel("image (slice" + (", phase" if phases > 1 else "") + ")")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _to_uint8(plane: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    low, high = window
+    return (np.clip((plane - low) / max(high - low, 1e-12), 0, 1) * 255).astype(np.uint8)
+
+
+def cine_gif(path: Path, panels, slice_index: int, phases: list[int], truth_of, frame_ms: int = 100) -> None:
+    """Animated GIF through the cine phases: reference (if any) and each chain side by side."""
+    from PIL import Image, ImageDraw
+
+    frames = []
+    for phase in phases:
+        tiles, names = [], []
+        truth = truth_of(phase)
+        if truth is not None:
+            tiles.append(_to_uint8(truth, percentile_window(truth)))
+            names.append("reference")
+        for label, images in panels.items():
+            panel = images.get((slice_index, phase))
+            if panel is not None:
+                tiles.append(_to_uint8(panel.data, panel.window))
+                names.append(label)
+        if not tiles:
+            continue
+        zoom = max(1, math.ceil(192 / max(t.shape[0] for t in tiles)))  # room for the labels
+        tiles = [np.kron(t, np.ones((zoom, zoom), np.uint8)) for t in tiles]
+        height = max(t.shape[0] for t in tiles)
+        padded = [np.pad(t, ((0, height - t.shape[0]), (0, 4))) for t in tiles]
+        frame = Image.fromarray(np.concatenate(padded, axis=1)).convert("RGB")
+        draw = ImageDraw.Draw(frame)
+        x = 0
+        for tile, name in zip(tiles, names):
+            draw.text((x + 3, 3), name, fill=(255, 220, 0))
+            x += tile.shape[1] + 4
+        draw.text((3, height - 13), f"slice {slice_index} phase {phase}", fill=(255, 220, 0))
+        frames.append(frame)
+    if frames:
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+
+
+# ---------------------------------------------------------------- the report
+
+def write_report(directory: Path | str, panels: dict[str, dict[tuple[int, int], Panel]],
+                 reference: GroundTruth | None, title: str) -> Report:
+    """Write metrics, per-slice comparison PNGs, the quality/latency plot and cine GIFs."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    report = Report(directory)
+    report.rows, report.notes = compute_rows(panels, reference)
+    report.files += write_metrics(directory, report.rows, title)
+    rows_by_key = {(r["chain"], (r["slice"], r["phase"])): r for r in report.rows}
+    keys = sorted({key for images in panels.values() for key in images})
+    slices = sorted({s for s, _ in keys})
+    for slice_index in slices:
+        phases = sorted({p for s, p in keys if s == slice_index})
+        key = (slice_index, phases[0])
+        truth = reference.image(*key) if reference is not None else None
+        path = directory / f"compare_slice{slice_index:03d}.png"
+        compare_figure(path, panels, key, truth, rows_by_key,
+                       f"{title}: slice {slice_index}" + (f", phase {phases[0]}" if len(phases) > 1 else ""))
+        report.files.append(path)
+        if len(phases) > 1:
+            gif = directory / f"cine_slice{slice_index:03d}.gif"
+            cine_gif(gif, panels, slice_index, phases,
+                     lambda phase: reference.image(slice_index, phase) if reference is not None else None)
+            if gif.exists():
+                report.files.append(gif)
+    plot = directory / "quality_latency.png"
+    quality_latency_figure(plot, report.rows, title)
+    if plot.exists():
+        report.files.append(plot)
+    return report
