@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "serve": ("gadgets.wire.server", "run the embedded ISMRMRD streaming recon server"),
     "replay": ("tools.replay", "stream an ISMRMRD raw file to a server, collect the images, show their quality"),
     "simulate": ("tools.simulate", "write a physics-informed simulated ISMRMRD raw dataset"),
+    "convert": ("tools.convert", "Siemens twix, fastMRI, CMRxRecon or BART raw data -> ISMRMRD raw file"),
     "demo": ("tools.demo", "main job: serve + simulate + replay + quality against ground truth"),
     "train": ("tools.train", "train the PISF network on on-the-fly synthetic data"),
     "export": ("tools.export", "export a PISF checkpoint to ONNX (with a parity check)"),
