@@ -137,6 +137,8 @@ def test_unknown_json_keys_are_reported_and_the_scan_goes_on(server):
     ({"image_finish.target_percentile_value": "NaN"}, ["target_percentile_value", "finite number"]),
     ({"image_finish.data_type": "complex"}, ["image_finish", "data_type must be one of"]),
     ({"config": "pisf", "pisf_recon.model": "../../etc/passwd"}, ["pisf_recon.model", "not a path"]),
+    ({"config": 5}, ["'config'", "chain name"]),
+    ({"customconfig": ["zerofill"]}, ["'customconfig'", "chain name"]),
 ])
 def test_bad_json_values_are_refused_naming_the_key(server, parameters, fragments):
     parameters = {"config": "zerofill", **parameters}

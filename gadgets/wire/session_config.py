@@ -97,8 +97,14 @@ def parse_client_json(text: str) -> ClientJson:
         if not isinstance(parameters, dict):
             raise ConfigError("the JSON config's 'parameters' must be an object of key: value")
         ignored = sorted(k for k in document if k not in ("parameters", "version"))
-        return ClientJson(dict(parameters), ignored, text)
-    return ClientJson(dict(document), [], text)
+        client = ClientJson(dict(parameters), ignored, text)
+    else:
+        client = ClientJson(dict(document), [], text)
+    for key in CHAIN_KEYS:
+        value = client.parameters.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"JSON parameter {key!r} = {value!r}: a chain name (text) is expected")
+    return client
 
 
 # ---------------------------------------------------------------- typing of values
