@@ -24,6 +24,7 @@ import numpy as np
 DEFAULT_KERNEL = 6
 DEFAULT_THRESHOLD = 0.02
 MIN_REFERENCE_LINES = 6
+NOISE_FACTOR = 2.0
 
 
 def reference_run(lines: np.ndarray) -> np.ndarray:
@@ -49,15 +50,22 @@ def calibration_matrix(reference: np.ndarray, kernel: int) -> np.ndarray:
     return windows.transpose(1, 2, 0, 3, 4).reshape(-1, coils * kernel * kernel)
 
 
-def signal_kernels(reference: np.ndarray, kernel: int, threshold: float) -> np.ndarray:
-    """Signal-subspace kernels [C, k, k, n] of the reference block [C, ly, lx]."""
+def signal_kernels(reference: np.ndarray, kernel: int, threshold: float,
+                   noise_factor: float = NOISE_FACTOR) -> np.ndarray:
+    """Signal-subspace kernels [C, k, k, n] of the reference block [C, ly, lx]: singular vectors
+    above `threshold` x the largest singular value and above `noise_factor` x the median one.
+    The median lies in the noise tail of the spectrum (the signal subspace is a small part of
+    the C k^2 dimensions): on noisy references (e.g. ismrmrd-tools' Shepp-Logan at -n 0.05,
+    whose noise floor is ~0.03 of the largest) the relative threshold alone keeps nearly every
+    vector and the maps become arbitrary; on the real datasets here it changes nothing."""
     coils = reference.shape[0]
     rows = calibration_matrix(reference.astype(np.complex128), kernel)
     gram = rows.conj().T @ rows
     values, vectors = np.linalg.eigh(gram)                        # ascending
     values, vectors = values[::-1], vectors[:, ::-1]
     singular = np.sqrt(np.maximum(values, 0.0))
-    keep = max(1, int(np.sum(singular >= threshold * singular[0])))
+    cut = max(threshold * singular[0], noise_factor * float(np.median(singular)))
+    keep = max(1, int(np.sum(singular >= cut)))
     return vectors[:, :keep].reshape(coils, kernel, kernel, keep)
 
 
@@ -125,3 +133,17 @@ def sensitivities(calibration_kspace: np.ndarray, reference_lines: np.ndarray,
     block = np.asarray(calibration_kspace)[:, run, :]
     maps, _ = espirit_maps(block, shape or calibration_kspace.shape[1:], **options)
     return maps
+
+
+def compressed_maps(block: np.ndarray, shape: tuple[int, int], virtual_coils: int = 16,
+                    **options) -> tuple[np.ndarray, np.ndarray]:
+    """(compression matrix P [V, C], ESPIRiT maps [V, ny, nx] of the virtual coils) from the
+    reference block [C, L, nx]: SVD compression to V = min(C, virtual_coils) coils on the block,
+    then `espirit_maps` of the compressed block. The calibration step of the SENSE chain and of
+    contract 2 (models/CONTRACT.md steps 2-3): data compressed with P match these maps."""
+    from .coils import coil_compression_matrix, compress
+
+    block = np.asarray(block, dtype=np.complex64)
+    matrix = coil_compression_matrix(block, min(block.shape[0], int(virtual_coils)))
+    maps, _ = espirit_maps(compress(block, matrix), shape, **options)
+    return matrix, maps
