@@ -30,6 +30,8 @@ GADGETS = {
     "slice_accumulator": "gadgets.accumulate:SliceAccumulator",
     "zerofill_recon": "gadgets.zerofill:ZeroFilledRecon",
     "pisf_recon": "gadgets.pisf:PisfRecon",
+    "grappa_recon": "gadgets.classical:GrappaRecon",
+    "sense_recon": "gadgets.classical:SenseRecon",
     "image_finish": "gadgets.finish:ImageFinish",
 }
 

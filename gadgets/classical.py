@@ -1,0 +1,242 @@
+"""Classical reconstructions beside PISF: the `grappa` and `sense` chains' stages, and the core
+that `pisf_recon` uses for its fallback and side-by-side images.
+
+Both calibrate on the slice's reference lines: every line flagged ACQ_IS_PARALLEL_CALIBRATION or
+..._AND_IMAGING (embedded ACS, a separate reference scan, interleaved calibration), the
+contiguous run through the k-space centre; without any flagged line, the fully sampled centre
+run of the image lines. Embedded ACS-only lines are image data (they are samples of this
+slice); separate and interleaved references only calibrate, unless `acs_as_data` says otherwise.
+
+- GRAPPA (gadgets/numerics/grappa.py): kernels of 2 x 2 source lines x 5 readout taps per
+  source geometry, applied row by row in hybrid space; root-sum-of-squares coil combination.
+- SENSE (gadgets/numerics/sense.py): ESPIRiT maps (gadgets/numerics/calibration.py) of the
+  virtual coils, Tikhonov-regularised CG-SENSE row by row; the image is the coil-combined
+  complex image, and its data-consistency residual goes into the meta.
+More than `virtual_coils` channels are SVD-compressed on the reference block first.
+3D scans undersampled along ky only (the same ky lines in every partition) are transformed
+along kz and reconstructed partition by partition.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .context import InputError, StreamContext
+from .items import KSpaceSlice, Notice, ReconImage
+from .numerics.calibration import MIN_REFERENCE_LINES, compressed_maps, reference_run
+from .numerics.coils import coil_compression_matrix, compress, root_sum_of_squares
+from .numerics.fft import ifftc
+from .numerics.grappa import DEFAULT_KX_TAPS, DEFAULT_KY_SOURCES, grappa_fill
+from .numerics.quality import sense_residual
+from .numerics.sense import sense_tikhonov
+
+METHODS = ("grappa", "sense")
+DEFAULT_GRAPPA_LAMBDA = 1e-2
+DEFAULT_SENSE_LAMBDA = 1e-2
+DEFAULT_SENSE_ITERATIONS = 30
+DEFAULT_VIRTUAL_COILS = 16
+SERIES = {"zero-filled": 1, "grappa": 3, "sense": 4}      # pisf is 2
+NAMES = {"grappa": "GRAPPA", "sense": "SENSE", "zero-filled": "zero-filled"}
+
+
+def calibration_mode(header) -> str | None:
+    parallel = header.encoding[0].parallelImaging
+    mode = getattr(parallel, "calibrationMode", None) if parallel is not None else None
+    return getattr(mode, "value", mode)
+
+
+def acs_as_data_default(context: StreamContext, acs_as_data: str | bool) -> bool:
+    """Embedded ACS lines are measured k-space of this very slice, so data consistency keeps
+    them; separate or interleaved references may differ (resolution, time) and only calibrate."""
+    if acs_as_data == "auto":
+        return calibration_mode(context.header) == "embedded"
+    return bool(acs_as_data)
+
+
+@dataclass
+class SliceData:
+    """One 2D slice as the reconstructions see it.
+
+    kspace [C, ny, nx]: image lines (zeros elsewhere); mask [ny] float32: the image lines;
+    calibration [C, ny, nx] and reference_lines [ny] bool: the calibration lines, or None."""
+    kspace: np.ndarray
+    mask: np.ndarray
+    calibration: np.ndarray | None = None
+    reference_lines: np.ndarray | None = None
+
+    @property
+    def coils(self) -> int:
+        return int(self.kspace.shape[0])
+
+    @property
+    def ny(self) -> int:
+        return int(self.kspace.shape[1])
+
+    @property
+    def acceleration(self) -> float:
+        """ny / number of image lines (embedded ACS lines included, the fastMRI convention)."""
+        return float(self.mask.size / max(float(self.mask.sum()), 1.0))
+
+    def reference(self) -> tuple[np.ndarray, int, str]:
+        """(reference block [C, L, nx], L, where it came from): the contiguous run of calibration
+        lines through the centre, else the fully sampled centre run of the image lines."""
+        if self.calibration is not None and self.reference_lines is not None and np.any(self.reference_lines):
+            run = reference_run(self.reference_lines)
+            return self.calibration[:, run], int(run.sum()), "reference lines"
+        run = reference_run(self.mask > 0.5)
+        return self.kspace[:, run], int(run.sum()), "fully sampled centre of the image lines"
+
+
+def slice_data(item: KSpaceSlice, acs_as_data: bool, partition: int = 0) -> SliceData:
+    """SliceData of one kz plane of a KSpaceSlice (plane 0 for 2D)."""
+    kspace = item.kspace[:, partition]
+    sampled = item.sampled[partition]
+    calibration = lines = None
+    if item.calibration is not None and item.calibration_sampled[partition].any():
+        calibration, lines = item.calibration[:, partition], item.calibration_sampled[partition]
+        if acs_as_data:
+            acs_only = lines & ~sampled
+            if acs_only.any():
+                kspace = kspace.copy()
+                kspace[:, acs_only] = calibration[:, acs_only]
+                sampled = sampled | acs_only
+    return SliceData(kspace, sampled.astype(np.float32), calibration, lines)
+
+
+def partitions(item: KSpaceSlice, acs_as_data: bool) -> list[SliceData]:
+    """The 2D problems of a slice: itself (2D), or, for a 3D scan undersampled along ky only (the
+    same ky lines in every partition), its partitions after the inverse FFT along kz."""
+    nz = item.kspace.shape[1]
+    if nz == 1:
+        return [slice_data(item, acs_as_data)]
+    if not (item.sampled == item.sampled[:1]).all():
+        raise InputError(f"{item.key}: this 3D scan is undersampled along kz as well; the classical "
+                         "reconstructions here handle ky undersampling only")
+    planes = KSpaceSlice(item.key, ifftc(item.kspace, axes=(1,)).astype(np.complex64), item.sampled,
+                         None if item.calibration is None else ifftc(item.calibration, axes=(1,)).astype(np.complex64),
+                         None if item.calibration_sampled is None
+                         else np.broadcast_to(item.calibration_sampled.any(axis=0), item.sampled.shape),
+                         item.reference, item.complete, item.last_line_time)
+    return [slice_data(planes, acs_as_data, z) for z in range(nz)]
+
+
+@dataclass
+class ClassicalImage:
+    """A classical reconstruction of one 2D slice."""
+    method: str                          # grappa | sense | zero-filled
+    magnitude: np.ndarray                # float32 [ny, nx]
+    description: str                     # for the image comment
+    meta: dict = field(default_factory=dict)
+    image: np.ndarray | None = None      # complex coil-combined image (SENSE)
+    note: str | None = None              # why the requested method could not run
+
+
+@dataclass
+class ClassicalOptions:
+    grappa_lambda: float = DEFAULT_GRAPPA_LAMBDA
+    ky_sources: int = DEFAULT_KY_SOURCES
+    kx_taps: int = DEFAULT_KX_TAPS
+    sense_lambda: float = DEFAULT_SENSE_LAMBDA
+    sense_iterations: int = DEFAULT_SENSE_ITERATIONS
+    virtual_coils: int = DEFAULT_VIRTUAL_COILS
+
+
+def reconstruct_classical(data: SliceData, method: str, options: ClassicalOptions | None = None,
+                          maps: tuple[np.ndarray, np.ndarray] | None = None) -> ClassicalImage:
+    """GRAPPA or SENSE image of one slice; zero-filled (with a note saying why) when the slice
+    has too few reference lines to calibrate. maps: (compression matrix, ESPIRiT maps) already
+    computed by `compressed_maps` on this slice's reference block (SENSE reuses them)."""
+    if method not in METHODS:
+        raise ValueError(f"classical method {method!r}; known: {', '.join(METHODS)}")
+    options = options or ClassicalOptions()
+    started = time.perf_counter()
+    block, lines, source = data.reference()
+    meta = {"PISF_Acceleration": f"{data.acceleration:.2f}", "PISF_ReferenceLines": str(lines)}
+    if lines < MIN_REFERENCE_LINES:
+        image = root_sum_of_squares(ifftc(data.kspace * data.mask[None, :, None], axes=(-2, -1)))
+        note = (f"{NAMES[method]} needs at least {MIN_REFERENCE_LINES} contiguous reference lines to "
+                f"calibrate; the slice has {lines}: zero-filled image")
+        meta.update({"PISF_Method": "zero-filled", "PISF_ReconMs": f"{(time.perf_counter() - started) * 1e3:.1f}"})
+        return ClassicalImage("zero-filled", image.astype(np.float32), "zero-filled FFT, RSS coil combination",
+                              meta, note=note)
+    if method == "grappa":
+        matrix = coil_compression_matrix(block, min(data.coils, options.virtual_coils))
+        fill = grappa_fill(compress(data.kspace, matrix), data.mask, compress(block, matrix),
+                           ky_sources=options.ky_sources, kx_taps=options.kx_taps, lam=options.grappa_lambda)
+        magnitude = root_sum_of_squares(ifftc(fill.hybrid, axes=(1,)))
+        description = (f"GRAPPA ({2 * options.ky_sources}x{options.kx_taps} kernels, {fill.geometries} "
+                       f"geometries, {lines} {source})")
+        meta.update({"PISF_Method": "GRAPPA", "PISF_VirtualCoils": str(matrix.shape[0]),
+                     "PISF_GrappaLinesSynthesised": str(int(fill.synthesised.sum()))})
+        result = ClassicalImage("grappa", magnitude.astype(np.float32), description, meta)
+    else:
+        matrix, coil_maps = maps if maps is not None else compressed_maps(
+            block, data.kspace.shape[1:], options.virtual_coils)
+        measured = compress(data.kspace * data.mask[None, :, None], matrix)
+        image = sense_tikhonov(ifftc(measured, axes=(-1,)), data.mask, coil_maps, lam=options.sense_lambda,
+                               iterations=options.sense_iterations)
+        description = (f"SENSE (ESPIRiT maps, CG, lambda {options.sense_lambda:g}, {lines} {source})")
+        meta.update({"PISF_Method": "SENSE", "PISF_VirtualCoils": str(matrix.shape[0]),
+                     "PISF_DataConsistency": f"{sense_residual(image, coil_maps, measured, data.mask):.4f}"})
+        result = ClassicalImage("sense", np.abs(image).astype(np.float32), description, meta, image=image)
+    meta["PISF_ReconMs"] = f"{(time.perf_counter() - started) * 1e3:.1f}"
+    return result
+
+
+def classical_options(lam: float | None, method: str, **options) -> ClassicalOptions:
+    """ClassicalOptions from stage parameters (`lambda` applies to the stage's own method)."""
+    out = ClassicalOptions(**options)
+    if lam is not None:
+        if method == "grappa":
+            out.grappa_lambda = float(lam)
+        else:
+            out.sense_lambda = float(lam)
+    return out
+
+
+class ClassicalRecon:
+    """KSpaceSlice -> ReconImage with GRAPPA or SENSE (the `grappa` and `sense` chains)."""
+
+    method = "grappa"
+
+    def __init__(self, context: StreamContext, regularisation: float | None = None,
+                 virtual_coils: int = DEFAULT_VIRTUAL_COILS, acs_as_data: str | bool = "auto",
+                 iterations: int = DEFAULT_SENSE_ITERATIONS, ky_sources: int = DEFAULT_KY_SOURCES,
+                 kx_taps: int = DEFAULT_KX_TAPS):
+        self.context = context
+        self.acs_as_data = acs_as_data_default(context, acs_as_data)
+        self.options = classical_options(regularisation, self.method, virtual_coils=int(virtual_coils),
+                                         sense_iterations=int(iterations), ky_sources=int(ky_sources),
+                                         kx_taps=int(kx_taps))
+        self.noted: set[str] = set()
+
+    def __call__(self, items):
+        for item in items:
+            if isinstance(item, KSpaceSlice):
+                yield from self._reconstruct(item)
+            else:
+                yield item
+
+    def _reconstruct(self, item: KSpaceSlice):
+        results = [reconstruct_classical(data, self.method, self.options)
+                   for data in partitions(item, self.acs_as_data)]
+        first = results[0]
+        if first.note and first.note not in self.noted:
+            self.noted.add(first.note)
+            yield Notice(f"{item.key}: {first.note} (further slices with the same reason are not announced)")
+        meta = dict(first.meta)
+        if len(results) > 1:
+            meta["PISF_ReconMs"] = f"{sum(float(r.meta['PISF_ReconMs']) for r in results):.1f}"
+        yield ReconImage(key=item.key, data=np.stack([r.magnitude for r in results]), reference=item.reference,
+                         recon=f"{first.description}, R {float(meta['PISF_Acceleration']):.1f}", meta=meta,
+                         complete=item.complete, last_line_time=item.last_line_time)
+
+
+class GrappaRecon(ClassicalRecon):
+    method = "grappa"
+
+
+class SenseRecon(ClassicalRecon):
+    method = "sense"

@@ -1,0 +1,44 @@
+"""The classical chains' reconstruction core as `pisf evaluate` methods.
+
+    pisf evaluate --model none --method grappa=tools.classical_eval:grappa \
+                  --method sense=tools.classical_eval:sense
+
+Each factory returns method(image_kspace, mask, calibration_kspace) -> magnitude image, calling
+exactly what the `grappa` / `sense` chain stages call (gadgets.classical.reconstruct_classical)
+with the chains' defaults; the calibration lines are the non-zero lines of calibration_kspace
+(embedded cases: also image lines; separate cases: calibration only).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _method(name: str):
+    from gadgets.classical import ClassicalOptions, SliceData, reconstruct_classical
+    from tools.eval_data import sampled_lines
+
+    options = ClassicalOptions(**{k: float(v) for k, v in _env_options().items()})
+
+    def method(image_kspace, mask, calibration_kspace):
+        data = SliceData(np.asarray(image_kspace, np.complex64), np.asarray(mask, np.float32),
+                         np.asarray(calibration_kspace, np.complex64), sampled_lines(calibration_kspace))
+        return reconstruct_classical(data, name, options).magnitude
+
+    method.metadata = {"method": name, "options": vars(options)}
+    return method
+
+
+def _env_options() -> dict:
+    """PISF_CLASSICAL_<OPTION>=value overrides (for tuning sweeps only; the chains use defaults)."""
+    prefix = "PISF_CLASSICAL_"
+    return {k[len(prefix):].lower(): v for k, v in os.environ.items() if k.startswith(prefix)}
+
+
+def grappa():
+    return _method("grappa")
+
+
+def sense():
+    return _method("sense")
