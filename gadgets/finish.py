@@ -11,6 +11,9 @@ from .items import ReconImage
 
 _DTYPES = {"ushort": np.uint16, "short": np.int16, "float": np.float32}
 _MAX_VALUE = {"ushort": 4095.0, "short": 4095.0}  # 12-bit range, as consoles expect
+# A recon stage that sends several series (pisf_recon side by side) names an image's series here;
+# images without it go to the stage's `series_index`.
+SERIES_META = "PISF_SeriesIndex"
 
 
 def centre_crop(data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -28,6 +31,8 @@ class ImageFinish:
     Scaling: one factor per series, fixed on the first image (its 99.5th percentile maps to
     `target_percentile_value`), so intensities compare across slices and phases. `scale` fixes
     it instead. The factor is written to the meta (PISF_ScaleFactor) so values can be undone.
+    Images whose meta names a series (SERIES_META) go to that series, with its own factor and
+    image index; the others to `series_index`.
     """
 
     def __init__(self, context: StreamContext, data_type: str = "ushort", series_index: int = 1,
@@ -45,9 +50,10 @@ class ImageFinish:
         self.data_type = data_type
         self.series_index = int(series_index)
         self.scale = float(scale) if scale is not None else None
+        self.scales: dict[int, float] = {}
         self.target = float(target_percentile_value)
         self.comment = comment
-        self.image_index = 0
+        self.image_indices: dict[int, int] = {}
 
     def __call__(self, items):
         for item in items:
@@ -64,22 +70,24 @@ class ImageFinish:
             magnitude = centre_crop(magnitude, (rz, ry, rx))
         else:
             magnitude = centre_crop(magnitude, (ry, rx))
-        if self.scale is None:
+        series = int(recon.meta.get(SERIES_META, self.series_index))
+        scale = self.scale if self.scale is not None else self.scales.get(series)
+        if scale is None:
             reference_level = float(np.percentile(magnitude, 99.5))
-            self.scale = self.target / reference_level if reference_level > 0 else 1.0
-        scaled = magnitude * self.scale
+            scale = self.scales[series] = self.target / reference_level if reference_level > 0 else 1.0
+        scaled = magnitude * scale
         if self.data_type in _MAX_VALUE:
             scaled = np.clip(np.rint(scaled), 0, _MAX_VALUE[self.data_type])
         pixels = scaled.astype(_DTYPES[self.data_type])
         low, high = np.percentile(scaled, [1.0, 99.5])
-        self.image_index += 1
+        self.image_indices[series] = self.image_indices.get(series, 0) + 1
         image = ismrmrd.Image.from_array(pixels, transpose=False)
         head = image.getHead()
         self._copy_geometry(head, recon.reference)
         head.field_of_view = tuple(float(v) for v in enc.recon_fov_mm)
         head.image_type = ismrmrd.IMTYPE_MAGNITUDE
-        head.image_index = self.image_index
-        head.image_series_index = self.series_index
+        head.image_index = self.image_indices[series]
+        head.image_series_index = series
         image.setHead(head)
         image.data[:] = pixels.reshape(image.data.shape)
         comment = self.comment or recon.recon
@@ -93,7 +101,7 @@ class ImageFinish:
             "WindowWidth": f"{max(high - low, 1.0):.1f}",
             "GADGETRON_WindowCenter": f"{(high + low) / 2:.1f}",
             "GADGETRON_WindowWidth": f"{max(high - low, 1.0):.1f}",
-            "PISF_ScaleFactor": f"{self.scale:.6g}",
+            "PISF_ScaleFactor": f"{scale:.6g}",
             "PISF_Complete": "true" if recon.complete else "false",
             # Last line of the slice reaching the server -> image finished (queueing included).
             "PISF_LatencyMs": f"{(time.monotonic() - recon.last_line_time) * 1e3:.1f}",

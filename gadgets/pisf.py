@@ -4,6 +4,10 @@ Accelerations and masks come from the data (which lines were sampled, which were
 from configuration. One onnxruntime session per (model, providers, threads) per process,
 created and warmed up when the server starts and shared by all connections (onnxruntime
 sessions are safe to run from several threads).
+
+Before the network runs, a model-range guard checks each slice against the model's metadata and
+reconstructs it with a classical method (gadgets/classical.py) when it is outside; every image
+says which method made it, and PISF images carry quality signals (see PisfRecon).
 """
 from __future__ import annotations
 
@@ -14,9 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .context import InputError, StreamContext
-from .items import KSpaceSlice, ReconImage
+from .classical import (METHODS, NAMES, SERIES, ClassicalOptions, SliceData, acs_as_data_default, partitions,
+                        reconstruct_classical)
+from .context import StreamContext
+from .finish import SERIES_META
+from .items import KSpaceSlice, Notice, ReconImage
+from .numerics.calibration import MIN_REFERENCE_LINES, compressed_maps, reference_run
+from .numerics.coils import compress, root_sum_of_squares
 from .numerics.pisf_inference import PisfReconstructor
+from .numerics.quality import coil_residual, normalised_difference, sense_residual
 
 log = logging.getLogger("pisf.gadget")
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -91,29 +101,99 @@ def _warm_up(reconstructor: PisfReconstructor) -> None:
     reconstructor.reconstruct(kspace, mask)
 
 
-def calibration_mode(header) -> str | None:
-    parallel = header.encoding[0].parallelImaging
-    mode = getattr(parallel, "calibrationMode", None) if parallel is not None else None
-    return getattr(mode, "value", mode)
+# --------------------------------------------------------------------------- model-range guard
+RANGE_KEYS = {"acceleration": ("trained_acceleration_min", "trained_acceleration_max"),
+              "ny": ("trained_ny_min", "trained_ny_max")}
+
+
+def trained_ranges(metadata: dict) -> dict[str, tuple[float, float]]:
+    """{"acceleration": (lo, hi), "ny": (lo, hi)} for the ranges the model's ONNX metadata
+    carries (tools/export.py `trained_ranges`); empty for models without them (contract 1)."""
+    ranges = {}
+    for name, (lo_key, hi_key) in RANGE_KEYS.items():
+        try:
+            ranges[name] = (float(metadata[lo_key]), float(metadata[hi_key]))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return ranges
+
+
+def guard_reasons(data: SliceData, partitions: int, reconstructor: PisfReconstructor,
+                  trajectory: str | None) -> list[tuple[str, str]]:
+    """Why this slice is outside what the model was trained for, as (guard, text) pairs (empty:
+    inside). Checks, in
+    order: Cartesian 2D, reference lines (contract 2 calibrates its coil maps on them),
+    acceleration and row length against the trained ranges in the model metadata, receive coils
+    against the model's (virtual) coil count (`trained_coils_min` where the metadata has it)."""
+    reasons = []
+    if trajectory not in (None, "cartesian"):
+        reasons.append(("trajectory", f"{trajectory} trajectory; the model reconstructs Cartesian data"))
+    if partitions > 1:
+        reasons.append(("3D", f"3D scan ({partitions} partitions); the model reconstructs 2D slices"))
+    if reconstructor.contract == "2":
+        _, lines, _ = data.reference()
+        if lines < MIN_REFERENCE_LINES:
+            reasons.append(("reference lines", f"{lines} contiguous reference lines; the model calibrates its "
+                                                f"coil maps on at least {MIN_REFERENCE_LINES}"))
+    ranges = trained_ranges(reconstructor.metadata)
+    if "acceleration" in ranges:
+        lo, hi = ranges["acceleration"]
+        if not lo <= data.acceleration <= hi:
+            reasons.append(("acceleration",
+                            f"acceleration R {data.acceleration:.2f} outside the trained range {lo:g}-{hi:g}"))
+    if "ny" in ranges:
+        lo, hi = ranges["ny"]
+        if not lo <= data.ny <= hi:
+            reasons.append(("rows", f"{data.ny} phase-encoding lines outside the trained range {lo:g}-{hi:g}"))
+    metadata = reconstructor.metadata
+    try:
+        needed = int(metadata.get("trained_coils_min", metadata.get("coils", 0)))
+    except ValueError:
+        needed = 0
+    if data.coils < needed:
+        reasons.append(("coils", f"{data.coils} receive channels; the model was trained with {needed} (virtual) coils"))
+    return reasons
 
 
 class PisfRecon:
-    """KSpaceSlice -> ReconImage with the PISF network (2D slices, 1D undersampling along ky)."""
+    """KSpaceSlice -> ReconImage with the PISF network (2D slices, 1D undersampling along ky).
+
+    Before the network runs, the model-range guard (`guard_reasons`) checks the slice against
+    the model's metadata; outside it the slice is reconstructed by `fallback` (grappa or sense),
+    the client gets a TEXT warning naming why, and the image meta names the method
+    (PISF_Method, PISF_Guard). `side_by_side` (grappa or sense) also sends the classical image
+    of every slice as its own series (`side_by_side_series_index`, default 3 for grappa, 4 for
+    sense). Quality signals in the meta: PISF_DataConsistency (||M F(S x) - y|| / ||y|| on the
+    measured lines) and, side by side, PISF_DiffToClassical (normalised difference)."""
 
     def __init__(self, context: StreamContext, model: str = "pisf_fast.onnx",
                  providers: list[str] | tuple[str, ...] = DEFAULT_PROVIDERS, threads: int = 0,
                  max_rows_per_run: int = 0, acs_as_data: str | bool = "auto", io_binding: bool | str = "auto",
-                 fp16: bool = False):
+                 fp16: bool = False, fallback: str = "sense", side_by_side: str | None = None,
+                 side_by_side_series_index: int | None = None):
         self.context = context
         # Embedded ACS lines are measured k-space of this very slice: data consistency should keep
         # them. Separate or interleaved references may differ (resolution, time), so by default
-        # they only calibrate the coil compression.
-        if acs_as_data == "auto":
-            acs_as_data = calibration_mode(context.header) == "embedded"
-        self.acs_as_data = bool(acs_as_data)
+        # they only calibrate.
+        self.acs_as_data = acs_as_data_default(context, acs_as_data)
+        if fallback not in METHODS:
+            raise ValueError(f"fallback must be one of {', '.join(METHODS)}, not {fallback!r}")
+        if side_by_side in ("none", "", False):
+            side_by_side = None
+        if side_by_side is not None and side_by_side not in METHODS:
+            raise ValueError(f"side_by_side must be none or one of {', '.join(METHODS)}, not {side_by_side!r}")
+        self.fallback, self.side_by_side = fallback, side_by_side
+        self.side_series = int(side_by_side_series_index if side_by_side_series_index is not None
+                               else SERIES.get(side_by_side or "", 3))
         self.reconstructor = shared_reconstructor(model, providers, threads, max_rows_per_run, io_binding, fp16)
         self.model_name = resolve_model(model).name
         self.provider = self.reconstructor.session.get_providers()[0]
+        self.options = ClassicalOptions(virtual_coils=self.reconstructor.virtual_coils)
+        encoding = context.header.encoding[0]
+        trajectory = getattr(encoding, "trajectory", None)
+        self.trajectory = str(getattr(trajectory, "value", trajectory)) if trajectory is not None else None
+        self.ranges = trained_ranges(self.reconstructor.metadata)
+        self.announced: set[str] = set()
 
     @staticmethod
     def warm_up(model: str = "pisf_fast.onnx", providers=DEFAULT_PROVIDERS, threads: int = 0,
@@ -124,33 +204,114 @@ class PisfRecon:
     def __call__(self, items):
         for item in items:
             if isinstance(item, KSpaceSlice):
-                yield self._reconstruct(item)
+                yield from self._reconstruct(item)
             else:
                 yield item
 
-    def _reconstruct(self, item: KSpaceSlice) -> ReconImage:
-        if item.kspace.shape[1] != 1:
-            raise InputError(f"{item.key}: the PISF chain reconstructs 2D slices; this scan is 3D "
-                             f"({item.kspace.shape[1]} partitions)")
+    def _announce(self, text: str, key=None):
+        """A TEXT for the client, once per stream and key (default: the text)."""
+        key = text if key is None else key
+        if key not in self.announced:
+            self.announced.add(key)
+            yield Notice(text)
+
+    def _reconstruct(self, item: KSpaceSlice):
         started = time.perf_counter()
-        kspace = item.kspace[:, 0]                      # [coils, ky, kx]
-        sampled = item.sampled[0]                       # [ky]: lines acquired as image data
-        if self.acs_as_data and item.calibration is not None:
-            acs_only = item.calibration_sampled[0] & ~sampled
-            kspace = kspace.copy()
-            kspace[:, acs_only] = item.calibration[:, 0][:, acs_only]
-            sampled = sampled | acs_only
-        mask = sampled.astype(np.float32)
-        # Without reference lines the inference core picks the fully sampled centre run itself.
-        calibration = lines = None
-        if item.calibration is not None and item.calibration_sampled.any():
-            calibration, lines = item.calibration[:, 0], item.calibration_sampled[0]
-        image = self.reconstructor.reconstruct(kspace, mask, calibration, lines)
-        elapsed_ms = (time.perf_counter() - started) * 1e3
-        acceleration = mask.size / max(mask.sum(), 1.0)
-        return ReconImage(key=item.key, data=image[None], reference=item.reference,
-                          recon=f"PISF {self.reconstructor.variant} ({self.model_name}), R {acceleration:.1f}",
-                          meta={"PISF_Model": self.model_name, "PISF_Provider": self.provider,
-                                "PISF_InferenceMs": f"{elapsed_ms:.1f}",
-                                "PISF_Acceleration": f"{acceleration:.2f}"},
-                          complete=item.complete, last_line_time=item.last_line_time)
+        if not self.ranges:
+            yield from self._announce(
+                f"model {self.model_name} carries no trained ranges in its metadata (contract "
+                f"{self.reconstructor.contract}): acceleration and row length are not checked against "
+                "what it was trained for")
+        planes = partitions(item, self.acs_as_data)       # InputError for kz-undersampled 3D
+        data = planes[0]
+        reasons = guard_reasons(data, len(planes), self.reconstructor, self.trajectory)
+        pisf = None
+        if not reasons:
+            try:
+                pisf = self._pisf(data)
+            except ValueError as exc:     # the inference core refuses what it cannot reconstruct
+                reasons = [("refused", f"the PISF model refused the slice: {exc}")]
+        if reasons:
+            yield from self._fall_back(item, planes, reasons, started)
+            return
+        magnitude, meta, maps = pisf
+        meta["PISF_InferenceMs"] = f"{(time.perf_counter() - started) * 1e3:.1f}"
+        side = None
+        if self.side_by_side:
+            side = reconstruct_classical(data, self.side_by_side, self.options,
+                                         maps=maps if self.side_by_side == "sense" else None)
+            meta["PISF_DiffToClassical"] = f"{normalised_difference(magnitude, side.magnitude):.4f}"
+            meta["PISF_ClassicalMethod"] = NAMES[side.method]
+        yield ReconImage(key=item.key, data=magnitude[None], reference=item.reference,
+                         recon=f"PISF {self.reconstructor.variant} ({self.model_name}), R {data.acceleration:.1f}",
+                         meta=meta, complete=item.complete, last_line_time=item.last_line_time)
+        if side is not None:
+            yield self._classical_image(item, [side], series=self.side_series)
+
+    def _pisf(self, data: SliceData):
+        """(magnitude [ny, nx], meta, (compression, maps) or None) of the network on one slice,
+        with the data-consistency residual of its image on the measured lines."""
+        recon = self.reconstructor
+        kspace, mask = data.kspace, data.mask
+        _, lines, _ = data.reference()
+        maps = None
+        if recon.contract == "2":
+            block, _, _ = data.reference()
+            calibration = data.calibration if data.calibration is not None else kspace * mask[None, :, None]
+            reference = (data.reference_lines if data.calibration is not None
+                         else reference_run(mask > 0.5))
+            image = recon.reconstruct_image(kspace, mask, calibration, reference)
+            # the same compression and maps as the inference core (calibration.compressed_maps):
+            # the residual is measured in the model's own SENSE model
+            maps = compressed_maps(block, kspace.shape[1:], recon.virtual_coils)
+            measured = compress(kspace * mask[None, :, None], maps[0])
+            residual = sense_residual(image, maps[1], measured, mask)
+            magnitude = np.abs(image).astype(np.float32)
+        else:
+            samples = None
+            if data.calibration is not None:
+                samples = data.calibration[:, np.asarray(data.reference_lines, dtype=bool)]
+            coil_images = recon.reconstruct_coils(kspace, mask, samples)
+            _, _, measured = recon.preprocess(kspace, mask, samples)
+            residual = coil_residual(coil_images, measured, mask)
+            magnitude = root_sum_of_squares(coil_images).astype(np.float32)
+        ranges = ", ".join(f"{name} {lo:g}-{hi:g}" for name, (lo, hi) in self.ranges.items())
+        meta = {"PISF_Method": "PISF", "PISF_Model": self.model_name, "PISF_Provider": self.provider,
+                "PISF_Acceleration": f"{data.acceleration:.2f}", "PISF_ReferenceLines": str(lines),
+                "PISF_DataConsistency": f"{residual:.4f}",
+                "PISF_Guard": (f"pass (trained ranges: {ranges})" if ranges
+                               else "pass (model metadata has no trained ranges: acceleration and row "
+                                    "length unchecked)")}
+        return magnitude, meta, maps
+
+    def _fall_back(self, item: KSpaceSlice, planes: list[SliceData], reasons: list[tuple[str, str]],
+                   started: float):
+        why = "; ".join(text for _, text in reasons)
+        results = [reconstruct_classical(plane, self.fallback, self.options) for plane in planes]
+        used = NAMES[results[0].method]
+        # one TEXT per kind of reason and method (every image's meta has the slice's own reason)
+        yield from self._announce(f"PISF not used for {item.key}: {why}; reconstructed with {used} instead "
+                                  "(further slices failing the same checks are not announced)",
+                                  key=("fallback", used) + tuple(guard for guard, _ in reasons))
+        if results[0].note:
+            yield from self._announce(f"{item.key}: {results[0].note}", key=("note", results[0].method))
+        image = self._classical_image(item, results, series=None,
+                                      extra={"PISF_Guard": f"fallback: {why}", "PISF_Model": self.model_name},
+                                      prefix="PISF not used: ")
+        image.meta["PISF_ReconMs"] = f"{(time.perf_counter() - started) * 1e3:.1f}"
+        yield image
+        if self.side_by_side:
+            side = (results if self.side_by_side == self.fallback
+                    else [reconstruct_classical(plane, self.side_by_side, self.options) for plane in planes])
+            yield self._classical_image(item, side, series=self.side_series)
+
+    def _classical_image(self, item: KSpaceSlice, results: list, series: int | None, extra: dict | None = None,
+                         prefix: str = "") -> ReconImage:
+        first = results[0]
+        meta = dict(first.meta)
+        meta.update(extra or {})
+        if series is not None:
+            meta[SERIES_META] = str(series)
+        return ReconImage(key=item.key, data=np.stack([r.magnitude for r in results]), reference=item.reference,
+                          recon=f"{prefix}{first.description}, R {float(first.meta['PISF_Acceleration']):.1f}",
+                          meta=meta, complete=item.complete, last_line_time=item.last_line_time)
