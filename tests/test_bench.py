@@ -47,6 +47,9 @@ def test_bench_tiny_zerofill(tmp_path):
     if has_bart:
         bart = report["bart"]
         assert bart["slices"] == 1 and bart["acs_lines"] == 12 and bart["ecalib_pics_ms"]["p50"] > 0
+        assert bart["ecalib_pics_l2_ms"]["p50"] > 0
+        assert all(bart["classical_core_ms"][m]["p50"] > 0 for m in ("sense", "grappa"))
+        assert report["bart_by_dataset"]["simulated"] is bart
 
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["runs"][0]["images"] == 2

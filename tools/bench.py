@@ -10,8 +10,9 @@ and reports per chain and dataset:
 - peak server RSS (VmRSS from /proc/PID/status, sampled while the replay runs);
 - onnxruntime provider (image meta PISF_Provider), CPU model and core count.
 
-Also: BART l1-ESPIRiT (ecalib + pics, OMP_NUM_THREADS=1) on slices of the same simulated
-k-space; `--realtime`: lines paced by their time stamps, latency over the scan (flat or
+Also: BART l1-ESPIRiT and SENSE-l2 (ecalib + pics, OMP_NUM_THREADS=1) on slices of every
+replayed dataset, with the grappa and sense chains' cores timed on the very same slices
+(`--chains zerofill pisf grappa sense pisf_compare` replays those chains too); `--realtime`: lines paced by their time stamps, latency over the scan (flat or
 growing?) and the real-time factor; `--soak N`: N slices replayed back to back with the
 server RSS sampled after each replay. Writes bench.md, bench.json and bench.png (the plot
 needs matplotlib: `pip install -e .[bench]`; skipped with a message without it).
@@ -308,15 +309,22 @@ def slices_from_raw(path: Path, wanted: int) -> tuple[list[np.ndarray], int]:
     return cropped, n_acs
 
 
-def bart_times(raw: Path, slices: int, work: Path) -> dict:
-    """Wall time of `bart ecalib` + `bart pics` (OMP_NUM_THREADS=1) on slices of `raw`."""
+def bart_times(raw: Path, slices: int, work: Path, classical: bool = True) -> dict:
+    """Wall time of BART on slices of `raw` (OMP_NUM_THREADS=1): `ecalib` + `pics -l1` (l1-ESPIRiT)
+    and `ecalib` + `pics -l2` (SENSE-l2, the sense chain's equivalent); with `classical`, the
+    classical chains' cores (gadgets.classical.reconstruct_classical, this process, one BLAS
+    thread as set by the caller) on the very same k-space, slice by slice in turn with BART."""
     if shutil.which("bart") is None:
         return {"skipped": "bart not installed"}
     kspaces, n_acs = slices_from_raw(raw, slices)
     if n_acs < 4:
         return {"skipped": f"only {n_acs} calibration lines: ecalib needs an ACS block"}
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    times, ecalib_times = [], []
+    if classical:
+        from gadgets import limit_blas_threads
+        limit_blas_threads()      # as the server runs its stages: one BLAS thread, like BART here
+    times, ecalib_times, l2_times = [], [], []
+    ours: dict[str, list[float]] = {"sense": [], "grappa": []}
     with tempfile.TemporaryDirectory(prefix="pisf_bench_bart_", dir=work) as tmp:
         tmp = Path(tmp)
         for kspace in kspaces:
@@ -328,12 +336,39 @@ def bart_times(raw: Path, slices: int, work: Path) -> dict:
             subprocess.run(["bart", "pics", "-S", "-l1", "-r", "0.01", str(tmp / "ksp"), str(tmp / "sens"),
                             str(tmp / "rec")], check=True, env=env, capture_output=True)
             finished = time.perf_counter()
+            subprocess.run(["bart", "pics", "-S", "-l2", "-r", "0.01", str(tmp / "ksp"), str(tmp / "sens"),
+                            str(tmp / "rec2")], check=True, env=env, capture_output=True)
             ecalib_times.append((calibrated - started) * 1e3)
             times.append((finished - started) * 1e3)
+            l2_times.append((calibrated - started + time.perf_counter() - finished) * 1e3)
+            if classical:
+                for method, elapsed in classical_core_ms(kspace).items():
+                    ours[method].append(elapsed)
     version = subprocess.run(["bart", "version"], capture_output=True, text=True).stdout.strip()
-    return {"slices": len(times), "acs_lines": n_acs, "bart_version": version,
-            "command": f"ecalib -m1 -r {n_acs} -k 4 -c 0.9; pics -S -l1 -r 0.01; OMP_NUM_THREADS=1",
-            "ecalib_pics_ms": percentiles(times), "ecalib_ms": percentiles(ecalib_times), "per_slice_ms": times}
+    report = {"slices": len(times), "acs_lines": n_acs, "bart_version": version,
+              "shape": list(kspaces[0].shape) if kspaces else None,
+              "command": f"ecalib -m1 -r {n_acs} -k 4 -c 0.9; pics -S -l1 -r 0.01; OMP_NUM_THREADS=1",
+              "command_l2": f"ecalib -m1 -r {n_acs} -k 4 -c 0.9; pics -S -l2 -r 0.01; OMP_NUM_THREADS=1",
+              "ecalib_pics_ms": percentiles(times), "ecalib_pics_l2_ms": percentiles(l2_times),
+              "ecalib_ms": percentiles(ecalib_times), "per_slice_ms": times}
+    if classical:
+        report["classical_core_ms"] = {method: percentiles(values) for method, values in ours.items()}
+    return report
+
+
+def classical_core_ms(kspace: np.ndarray) -> dict[str, float]:
+    """Milliseconds of the grappa and sense chains' reconstruction core on K[coils, ky, kx] with
+    every acquired line as image data and the fully sampled centre run as reference (embedded)."""
+    from gadgets.classical import SliceData, reconstruct_classical
+
+    mask = np.any(kspace != 0, axis=(0, 2)).astype(np.float32)
+    data = SliceData(kspace, mask)
+    out = {}
+    for method in ("sense", "grappa"):
+        started = time.perf_counter()
+        reconstruct_classical(data, method)
+        out[method] = (time.perf_counter() - started) * 1e3
+    return out
 
 
 # ----------------------------------------------------------------------------- report
@@ -374,6 +409,17 @@ def markdown(report: dict) -> str:
             lines.append(f"`{bart['command']}` ({bart['bart_version']}): ecalib+pics p50 {_fmt(e['p50'], '.0f')} ms, "
                          f"max {_fmt(e['max'], '.0f')} ms over {bart['slices']} slices "
                          f"(ecalib alone p50 {_fmt(bart['ecalib_ms']['p50'], '.0f')} ms)")
+    by_dataset = {name: b for name, b in (report.get("bart_by_dataset") or {}).items() if "skipped" not in b}
+    if by_dataset:
+        lines += ["", "## Classical chains' cores vs BART on the same slices (p50 ms per slice, one thread)", "",
+                  "| dataset | slices | BART ecalib + pics -l2 | BART ecalib + pics -l1 | sense core | grappa core |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, b in by_dataset.items():
+            core = b.get("classical_core_ms", {})
+            lines.append(f"| {name} {'x'.join(map(str, b.get('shape') or []))} | {b['slices']} "
+                         f"| {_fmt(b['ecalib_pics_l2_ms']['p50'], '.0f')} | {_fmt(b['ecalib_pics_ms']['p50'], '.0f')} "
+                         f"| {_fmt(core.get('sense', {}).get('p50'), '.0f')} "
+                         f"| {_fmt(core.get('grappa', {}).get('p50'), '.0f')} |")
     rt = report.get("realtime")
     if rt:
         lines += ["", f"## Real time: {rt['dataset']} paced by its time stamps "
@@ -602,12 +648,19 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
 
     # ---- BART on the same simulated k-space, after the server work (no contention)
     if bart_slices > 0:
-        log(f"timing BART on {bart_slices} simulated slices (OMP_NUM_THREADS=1)")
-        report["bart"] = bart_times(sim_path, bart_slices, out)
-        if "ecalib_pics_ms" in report["bart"]:
-            log(f"BART ecalib+pics p50 {report['bart']['ecalib_pics_ms']['p50']:.0f} ms per slice")
-        else:
-            log(f"BART skipped: {report['bart']['skipped']}")
+        report["bart_by_dataset"] = {}
+        for name, path in datasets:
+            log(f"timing BART and the classical cores on {bart_slices} slices of {name} (OMP_NUM_THREADS=1)")
+            report["bart_by_dataset"][name] = bart_times(path, bart_slices, out)
+        report["bart"] = report["bart_by_dataset"]["simulated"]
+        for name, bart in report["bart_by_dataset"].items():
+            if "ecalib_pics_ms" in bart:
+                core = bart.get("classical_core_ms", {})
+                log(f"{name}: BART ecalib+pics -l1 p50 {bart['ecalib_pics_ms']['p50']:.0f} ms, -l2 "
+                    f"{bart['ecalib_pics_l2_ms']['p50']:.0f} ms; sense core {core['sense']['p50']:.0f} ms, "
+                    f"grappa core {core['grappa']['p50']:.0f} ms per slice")
+            else:
+                log(f"{name}: BART skipped: {bart['skipped']}")
 
     skipped = plot(report, out / "bench.png")
     if skipped is None:
