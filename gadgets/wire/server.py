@@ -446,7 +446,8 @@ class ReconServer:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind; the loopback default admits local clients only, 0.0.0.0 every interface")
+                        help="address to bind: 127.0.0.1 admits local clients only, 0.0.0.0 every interface "
+                             "(default: %(default)s)")
     parser.add_argument("--port", type=int, default=9002, help="TCP port (9002 is what scanners and clients expect)")
     parser.add_argument("--config-dir", type=Path, default=None,
                         help="directory of chain configs (default: the package's config/, or $PISF_CONFIG_DIR)")
