@@ -10,8 +10,9 @@ y_c = M F (s_c * x), SENSE is separable across rows, so every row is a small ny-
                                         G[i, j] = sum_c conj(s_c[i]) s_c[j]
     right side     b = A^H y = sum_c conj(s_c) F^H y_c
 
-The graph builds N and b (any coil count C, any ny), starts from a Tikhonov-regularised SENSE
-solution (conjugate gradients), then runs unrolled blocks: a learned 1D regulariser (the PISF
+The graph builds N and b (any coil count C, any ny), starts from two Tikhonov-regularised SENSE
+solutions (conjugate gradients; light and strong weight, both seen by every block), then runs
+unrolled blocks: a learned 1D regulariser (the PISF
 block: convs along y, residual units, learned soft threshold) proposes z, and the data
 consistency solves (N + mu I) x = b + mu z by a few CG steps (mu learned per block). The image
 is one complex channel pair (real, imag), so the network does not depend on the coil count.
@@ -36,8 +37,9 @@ class SenseNetConfig:
     kernel: int = 3          # conv kernel along y
     init_cg: int = 8         # CG iterations of the initial SENSE solution
     block_cg: int = 4        # CG iterations of each block's data consistency
-    init_lambda: float = 0.02    # Tikhonov weight of the initial solution (learned from here)
-    block_mu: float = 0.1        # initial mu of the blocks (learned)
+    init_lambda: float = 0.003   # Tikhonov weight of the sharp initial solution (learned), and
+    smooth_lambda: float = 0.05  # of the smooth one; both, like mu, relative to mean diag(N)
+    block_mu: float = 0.2        # initial mu of the blocks (learned)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,13 +161,15 @@ class SoftThreshold(nn.Module):
 
 
 class Regulariser(nn.Module):
-    """Inputs: current image (2 ch) and the initial SENSE image (2 ch); output: image update."""
+    """Inputs: current image (2 ch) and the two initial SENSE images (lightly and strongly
+    regularised, 2 ch each: how much they differ tells the noise amplification); output: the
+    proposed image."""
 
     def __init__(self, cfg: SenseNetConfig):
         super().__init__()
         feats, k = cfg.features, cfg.kernel
         dil = [1 + (i % 2) for i in range(cfg.res_units)]         # 1, 2, 1, 2 ...: wider view
-        self.head = nn.Conv1d(4, feats, k, padding=k // 2)
+        self.head = nn.Conv1d(6, feats, k, padding=k // 2)
         self.before = nn.Sequential(*[ResidualUnit(feats, k, d) for d in dil])
         self.shrink = SoftThreshold(feats)
         self.after = nn.Sequential(*[ResidualUnit(feats, k, d) for d in dil])
@@ -178,6 +182,13 @@ class Regulariser(nn.Module):
         return image + self.tail(h)
 
 
+def mean_diagonal(mask: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
+    """Mean of diag(N) per row [N, 1] = sampled fraction x mean sum_c |s_c|^2: the scale that
+    makes lambda and mu mean the same at any acceleration and coil count."""
+    s_re, s_im = split(sens)
+    return mask[:, 0].mean(-1, keepdim=True) * (s_re * s_re + s_im * s_im).sum(1).mean(-1, keepdim=True) + 1e-6
+
+
 def inverse_softplus(value: float) -> float:
     return math.log(math.expm1(value))
 
@@ -188,21 +199,26 @@ class PisfSenseNet(nn.Module):
         self.cfg = cfg or SenseNetConfig()
         self.blocks = nn.ModuleList(Regulariser(self.cfg) for _ in range(self.cfg.blocks))
         self.init_lambda = nn.Parameter(torch.tensor(inverse_softplus(self.cfg.init_lambda)))
+        self.smooth_lambda = nn.Parameter(torch.tensor(inverse_softplus(self.cfg.smooth_lambda)))
         self.block_mu = nn.Parameter(torch.full((self.cfg.blocks,), inverse_softplus(self.cfg.block_mu)))
 
     def forward(self, kspace, mask, sens, return_all: bool = False):
         """kspace, sens [rows, 2C, ny]; mask [rows, 1, ny] -> image [rows, 2, ny] (re, im)."""
         n, (b_re, b_im) = normal_system(kspace, mask, sens)
-        lam = nn.functional.softplus(self.init_lambda)
-        x_re, x_im = conjugate_gradient(n, b_re, b_im, torch.zeros_like(b_re), torch.zeros_like(b_im),
-                                        lam, self.cfg.init_cg)
-        initial = torch.stack([x_re, x_im], 1)
-        image = initial
-        outputs = [initial]
+        scale = mean_diagonal(mask, sens)
+        zeros = torch.zeros_like(b_re)
+        starts = []
+        for weight in (self.init_lambda, self.smooth_lambda):
+            lam = nn.functional.softplus(weight) * scale
+            x_re, x_im = conjugate_gradient(n, b_re, b_im, zeros, zeros, lam, self.cfg.init_cg)
+            starts.append(torch.stack([x_re, x_im], 1))
+        image = starts[0]
+        initial = torch.cat(starts, 1)
+        outputs = [image]
         mus = nn.functional.softplus(self.block_mu)
         for k, block in enumerate(self.blocks):
             proposal = block(image, initial)
-            mu = mus[k]
+            mu = mus[k] * scale
             z_re, z_im = proposal[:, 0], proposal[:, 1]
             x_re, x_im = conjugate_gradient(n, b_re + mu * z_re, b_im + mu * z_im, z_re, z_im, mu,
                                             self.cfg.block_cg)

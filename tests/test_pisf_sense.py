@@ -9,7 +9,7 @@ pytest.importorskip("onnx")
 
 from gadgets.numerics.fft import fftc, ifftc  # noqa: E402
 from gadgets.numerics.pisf_inference import ModelContractError, PisfReconstructor  # noqa: E402
-from models.pisf_sense import SenseNetConfig, build, conjugate_gradient, normal_system  # noqa: E402
+from models.pisf_sense import SenseNetConfig, build, conjugate_gradient, mean_diagonal, normal_system  # noqa: E402
 from tools import synth  # noqa: E402
 from tools.export import Signature, export_model, parity  # noqa: E402
 
@@ -42,8 +42,9 @@ def test_normal_system_equals_the_explicit_sense_operator(ny):
 
 def test_untrained_network_is_proximal_sense_for_any_coil_count():
     """Zero-initialised regularisers propose their input unchanged, so the untrained network is
-    Tikhonov SENSE followed by proximal steps x <- (N + mu I)^-1 (b + mu x): checked against
-    direct solves, for several coil counts (the graph takes any)."""
+    Tikhonov SENSE followed by proximal steps x <- (N + mu I)^-1 (b + mu x) (lambda and mu
+    relative to each row's mean diag(N)): checked against direct solves, for several coil
+    counts (the graph takes any)."""
     ny = 12
     model = build(SenseNetConfig(blocks=2, features=8, res_units=1, init_cg=4 * ny, block_cg=4 * ny)).double().eval()
     gen = torch.Generator().manual_seed(0)
@@ -54,8 +55,9 @@ def test_untrained_network_is_proximal_sense_for_any_coil_count():
         with torch.no_grad():
             outputs = model(kspace, mask, sens, return_all=True)
             (n_re, n_im), (b_re, b_im) = normal_system(kspace, mask, sens)
-            lam = float(torch.nn.functional.softplus(model.init_lambda))
-            mus = torch.nn.functional.softplus(model.block_mu).tolist()
+            scale = mean_diagonal(mask, sens).numpy()[:, :, None]              # [rows, 1, 1]
+            lam = float(torch.nn.functional.softplus(model.init_lambda)) * scale
+            mus = [mu * scale for mu in torch.nn.functional.softplus(model.block_mu).tolist()]
         normal = n_re.numpy() + 1j * n_im.numpy()
         rhs = b_re.numpy() + 1j * b_im.numpy()
         identity = np.eye(ny)
@@ -65,7 +67,8 @@ def test_untrained_network_is_proximal_sense_for_any_coil_count():
             assert output.shape == (5, 2, ny)
             assert np.abs(got - expected).max() < 1e-6 * np.abs(expected).max()
             if k < len(mus):
-                expected = np.linalg.solve(normal + mus[k] * identity, (rhs + mus[k] * expected)[..., None])[..., 0]
+                expected = np.linalg.solve(normal + mus[k] * identity,
+                                           (rhs + mus[k][:, 0] * expected)[..., None])[..., 0]
 
 
 def test_sense_batch_carries_maps_and_separate_reference_masks():

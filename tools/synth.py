@@ -546,8 +546,8 @@ def smooth_noise(shape, gen: torch.Generator, width: int, device) -> torch.Tenso
 
 
 def sense_batch(synth: "Synthesizer", separate_reference_prob: float = 0.3,
-                map_error: tuple = (0.0, 0.08), virtual_coil_choices: tuple = (8, 12, 16),
-                **kwargs) -> dict:
+                map_error: tuple = (0.0, 0.05), virtual_coil_choices: tuple = (8, 12, 16),
+                separate_accelerations: tuple = (2, 4), **kwargs) -> dict:
     """A training batch for the scan-calibrated network (models/pisf_sense.py).
 
     Same physics as `Synthesizer.batch`; the runtime half (gadgets/numerics/pisf_inference.py)
@@ -570,13 +570,16 @@ def sense_batch(synth: "Synthesizer", separate_reference_prob: float = 0.3,
     mask = raw["slice_mask"].clone()
     separate = torch.rand(b, generator=gen) < separate_reference_prob
     if separate.any():
-        mask[separate] = separate_reference_masks(int(separate.sum()), ny, gen).to(mask.device)
+        mask[separate] = separate_reference_masks(int(separate.sum()), ny, gen,
+                                                  tuple(separate_accelerations)).to(mask.device)
     matrix = raw["compression"]                                          # [B, C, coils]
     sens = compress(raw["sens"].to(torch.complex64), matrix)             # [B, C, rows, ny]
     size = torch.empty(b, 1, 1, 1).uniform_(*map_error, generator=gen).to(dev)
     error = smooth_noise(sens.shape, gen, max(3, ny // 16), dev)
-    rss = sens.abs().pow(2).sum(1, keepdim=True).sqrt()
-    sens = sens + size * error * rss.mean(dim=(2, 3), keepdim=True)
+    # error relative to each coil's own typical sensitivity (not to the RSS over coils: that
+    # made a 8 % setting a ~30 % per-coil error and taught the network to distrust the maps)
+    typical = sens.abs().pow(2).mean(dim=(2, 3), keepdim=True).sqrt()
+    sens = sens + size * error * typical
     sens = sens / sens.abs().pow(2).sum(1, keepdim=True).sqrt().clamp(min=1e-8)
     measured = compress(raw["noisy_hybrid"] * mask[:, None, None, :], matrix)
     scale = normalisation_scales(measured, mask)
