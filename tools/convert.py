@@ -576,7 +576,7 @@ def convert(input_path: Path | str, out_path: Path | str, fmt: str | None = None
         raise ConvertError(f"{input_path}: is a directory, not a raw file")
     if out_path.exists() and out_path.is_dir():
         raise ConvertError(f"--out {out_path}: is a directory; name the .h5 file to write")
-    if not out_path.parent.exists() if str(out_path.parent) else False:
+    if not out_path.parent.exists():
         raise ConvertError(f"--out {out_path}: directory {out_path.parent} does not exist")
     if out_path.exists() and input_path.exists() and out_path.resolve() == input_path.resolve():
         raise ConvertError("--out names the input file; choose another output name")
@@ -637,11 +637,10 @@ def convert(input_path: Path | str, out_path: Path | str, fmt: str | None = None
     if log:
         enc = header.encoding[0]
         slices = len({k[0] for k in keys})
-        frames = len(keys) // max(slices, 1)
         log(f"{source.description}")
         log(f"wrote {out_path}: {len(planned)} acquisitions ({counts['image']} imaging, {counts['reference']} "
             f"reference-only, {counts['noise']} noise{', ' + str(counts['other']) + ' other' if counts['other'] else ''}), "
-            f"{len(keys)} image(s) ({slices} slice(s) x {frames}), "
+            f"{len(keys)} image(s) in {slices} slice(s), "
             f"encoded {enc.encodedSpace.matrixSize.x}x{enc.encodedSpace.matrixSize.y}, recon "
             f"{enc.reconSpace.matrixSize.x}x{enc.reconSpace.matrixSize.y}, R {achieved:.2f}"
             + (f" ({undersampling.mask}, {'separate' if undersampling.separate else 'embedded'} reference)"
