@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import struct
 import subprocess
 import sys
 
@@ -235,6 +236,9 @@ def test_not_a_twix_file_and_unknown_layouts_give_one_line(tmp_path, capsys):
     assert_one_line_error(capsys, out, pisf(["convert", str(cmr), "--out", str(out)]), "unknown layout")
     missing = tmp_path / "missing.dat"
     assert_one_line_error(capsys, out, pisf(["convert", str(missing), "--out", str(out)]), "no such file")
+    vb = tmp_path / "zeroed_vb.dat"  # a VB measurement header, then zeros: twixtools alone would loop forever
+    vb.write_bytes(struct.pack("<II", 20_000, 1) + b"Config\0" + bytes(20_000 - 15) + bytes(4096))
+    assert_one_line_error(capsys, out, pisf(["convert", str(vb), "--out", str(out)]), "declares no data")
     stem = tmp_path / "short"
     write_cfl(stem, np.ones((8, 8, 1, 2), dtype=np.complex64))
     stem.with_suffix(".cfl").write_bytes(stem.with_suffix(".cfl").read_bytes()[:100])

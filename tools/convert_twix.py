@@ -93,6 +93,7 @@ def check_twix(path: Path) -> None:
             if header_length >= size:
                 raise ConvertError(f"{path}: truncated twix file: the measurement header declares {header_length} "
                                    f"bytes, the file has {size}")
+            walk_readouts(f, header_length, size, False, path, 1)
             return
         for number, (offset, length) in enumerate(entries, 1):
             if offset < RAID_HEADER_BYTES or offset + 8 > size:
@@ -108,6 +109,35 @@ def check_twix(path: Path) -> None:
             if offset + header_length > size:
                 raise ConvertError(f"{path}: truncated twix file: the protocol header of measurement {number} "
                                    f"ends past the end of the file")
+            walk_readouts(f, offset + header_length, offset + length if length else size, True, path, number)
+
+
+def walk_readouts(f, start: int, end: int, vd: bool, path: Path, number: int) -> None:
+    """Step through the readout headers from `start` as twixtools will (ACQEND/SYNCDATA: their DMA
+    length; readouts: channels x (channel header + samples) + scan header), refusing a step of
+    zero bytes, which would stop twixtools forever (a zeroed region, a corrupt header)."""
+    scan_header, channel_header = (192, 32) if vd else (0, 128)
+    acqend, syncdata = 1 << 0, 1 << 5
+    position = start
+    while position + 128 < end:  # twixtools' own loop condition
+        f.seek(position)
+        head = f.read(64)
+        if len(head) < 52:
+            return
+        (flags_and_dma,) = struct.unpack_from("<I", head, 0)
+        mask_at, samples_at = (40, 48) if vd else (20, 28)
+        (mask,) = struct.unpack_from("<Q", head, mask_at)
+        samples, channels = struct.unpack_from("<HH", head, samples_at)
+        if mask & acqend or mask & syncdata:
+            step = flags_and_dma % (1 << 25)
+            if mask & acqend:
+                return
+        else:
+            step = channels * (channel_header + 8 * samples) + scan_header
+        if step == 0 or (not vd and channels == 0):
+            raise ConvertError(f"{path}: not a readable Siemens twix file (measurement {number}: a readout header "
+                               f"at byte {position} declares no data; the file is corrupt or zero-filled there)")
+        position += step
 
 
 def read_twix(path: Path) -> list[dict]:
@@ -133,8 +163,8 @@ def read_twix(path: Path) -> list[dict]:
             raise ConvertError(f"{path}: measurement {number} has no protocol (MeasYaps/Meas)")
         mdbs = measurement["mdb"]
         if not mdbs or not mdbs[-1].is_flag_set("ACQEND"):
-            raise ConvertError(f"{path}: truncated twix file: measurement {number} ends after {len(mdbs)} readouts "
-                               f"without the end-of-acquisition block")
+            raise ConvertError(f"{path}: truncated or corrupt twix file: measurement {number} ends after {len(mdbs)} "
+                               f"readouts without the end-of-acquisition block")
     return measurements
 
 
