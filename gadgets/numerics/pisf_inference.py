@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from .calibration import MIN_REFERENCE_LINES, espirit_maps, reference_run
+from .calibration import MIN_REFERENCE_LINES, compressed_maps, reference_run
 from .coils import coil_compression_matrix, compress, normalisation_scale, root_sum_of_squares
 from .fft import fftc, ifftc
 
@@ -173,30 +173,36 @@ class PisfReconstructor:
             images = self.reconstruct_coils(kspace, mask, calibration)
         return root_sum_of_squares(images).astype(np.float32)
 
-    def reconstruct_image(self, kspace: np.ndarray, mask: np.ndarray,
-                          calibration: np.ndarray | None = None,
-                          reference_lines: np.ndarray | None = None) -> np.ndarray:
-        """Contract 2: complex coil-combined image [ky, kx] of one slice (1D mask along ky)."""
-        kspace = np.asarray(kspace, dtype=np.complex64)
-        mask = (np.asarray(mask) > 0.5).astype(np.float32)
-        if mask.ndim != 1:
-            raise ValueError("the scan-calibrated PISF model reconstructs 1D-undersampled slices "
-                             f"(mask along ky); got a {mask.ndim}D mask")
+    def calibrate(self, kspace: np.ndarray, mask: np.ndarray, calibration: np.ndarray | None = None,
+                  reference_lines: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Contract 2's calibration (CONTRACT.md steps 1-3): (compression matrix [V, coils],
+        ESPIRiT maps [V, ky, kx]) from the reference lines; ValueError with too few of them."""
         if calibration is None or reference_lines is None:
-            calibration, reference_lines = kspace * mask[None, :, None], calibration_lines(mask)
+            calibration, reference_lines = np.asarray(kspace) * np.asarray(mask)[None, :, None], calibration_lines(mask)
         run = reference_run(reference_lines)
         if run.sum() < MIN_REFERENCE_LINES:
             raise ValueError(f"the scan carries {int(run.sum())} contiguous reference lines; the "
                              f"scan-calibrated PISF model needs at least {MIN_REFERENCE_LINES} to "
                              "calibrate its coil maps")
-        block = np.asarray(calibration, dtype=np.complex64)[:, run, :]              # [coils, n, kx]
-        matrix = coil_compression_matrix(block, min(block.shape[0], self.virtual_coils))
+        return compressed_maps(np.asarray(calibration)[:, run, :], np.asarray(kspace).shape[1:], self.virtual_coils)
+
+    def reconstruct_image(self, kspace: np.ndarray, mask: np.ndarray,
+                          calibration: np.ndarray | None = None,
+                          reference_lines: np.ndarray | None = None,
+                          maps: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Contract 2: complex coil-combined image [ky, kx] of one slice (1D mask along ky).
+        maps: `calibrate`'s result when the caller already has it (it is the costly step)."""
+        kspace = np.asarray(kspace, dtype=np.complex64)
+        mask = (np.asarray(mask) > 0.5).astype(np.float32)
+        if mask.ndim != 1:
+            raise ValueError("the scan-calibrated PISF model reconstructs 1D-undersampled slices "
+                             f"(mask along ky); got a {mask.ndim}D mask")
+        matrix, coil_maps = maps if maps is not None else self.calibrate(kspace, mask, calibration, reference_lines)
         measured = compress(kspace * mask[None, :, None], matrix)                   # [C, ky, kx]
-        maps, _ = espirit_maps(compress(block, matrix), measured.shape[1:])
         scale = normalisation_scale(measured, mask)
         rows = to_rows(ifftc(measured, axes=(-1,)) / scale)                         # [kx, 2C, ny]
         row_masks = np.ascontiguousarray(np.broadcast_to(mask[None, None], (rows.shape[0], 1, mask.size)))
-        image = self.run_rows(rows, row_masks, to_rows(maps))                      # [kx, 2, ny]
+        image = self.run_rows(rows, row_masks, to_rows(coil_maps))                 # [kx, 2, ny]
         return ((image[:, 0] + 1j * image[:, 1]).T * scale).astype(np.complex64)
 
     def reconstruct_coils_2d(self, kspace: np.ndarray, mask2d: np.ndarray,
