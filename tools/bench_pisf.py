@@ -77,10 +77,43 @@ def bench(model_path: str, threads: int = 2, repeats: int = 10, size: int = 256,
     return result
 
 
+def bench_bart(repeats: int = 3, size: int = 256, coils: int = 8, acceleration: int = 4) -> dict:
+    """BART on the same slice, one thread (REFERENCE.md): ecalib -m1 -r 24 -k 4 -c 0.9, then
+    pics -S -l1 -r 0.01 and pics -S -l2 -r 0.01; median seconds per step and per pipeline."""
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from tools.cfl import write_cfl
+    kspace = phantom_slice(size, coils)
+    mask = np.zeros(size, dtype=np.float32)
+    mask[::acceleration] = 1
+    mask[size // 2 - 12: size // 2 + 12] = 1
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    times = {"ecalib": [], "pics_l1": [], "pics_l2": []}
+    with tempfile.TemporaryDirectory(prefix="pisf_bench_bart_") as tmp:
+        stem = Path(tmp)
+        write_cfl(stem / "ksp", np.transpose(kspace * mask[None, :, None], (1, 2, 0))[:, :, None, :])
+        commands = {"ecalib": ["ecalib", "-m1", "-r", "24", "-k", "4", "-c", "0.9", "ksp", "sens"],
+                    "pics_l1": ["pics", "-S", "-l1", "-r", "0.01", "ksp", "sens", "rec1"],
+                    "pics_l2": ["pics", "-S", "-l2", "-r", "0.01", "ksp", "sens", "rec2"]}
+        for _ in range(repeats):
+            for step, args in commands.items():
+                start = time.perf_counter()
+                subprocess.run(["bart"] + args, cwd=tmp, env=env, check=True, capture_output=True)
+                times[step].append(time.perf_counter() - start)
+    median = {step: float(np.median(values)) for step, values in times.items()}
+    return {"bart": True, "slice": f"{size}x{size}x{coils}", "threads": 1, **{f"{k}_median_s": v for k, v in median.items()},
+            "ecalib_pics_l1_s": median["ecalib"] + median["pics_l1"],
+            "ecalib_pics_l2_s": median["ecalib"] + median["pics_l2"], "repeats": repeats}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", help="ONNX models")
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="onnxruntime thread counts")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per model and thread count")
+    parser.add_argument("--bart", action="store_true", help="also time BART ecalib + pics on the same slice")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,4 +122,10 @@ def run(args: argparse.Namespace) -> int:
     for model in args.models:
         for threads in args.threads:
             print(json.dumps(bench(model, threads, args.repeats)), flush=True)
+    if args.bart:
+        import shutil
+        if shutil.which("bart") is None:
+            print("bart not found: BART timing skipped")
+        else:
+            print(json.dumps(bench_bart(max(1, min(args.repeats, 3)))), flush=True)
     return 0

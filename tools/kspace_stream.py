@@ -27,14 +27,25 @@ def header_for(coils: int, ny: int, nx: int, fov_mm=(256.0, 256.0, 5.0), slices:
     return xsd.ToXML(header)
 
 
-def acquisitions_from_kspace(kspace: np.ndarray, mask: np.ndarray, fov_mm=(256.0, 256.0, 5.0)):
-    """(header XML, acquisitions) for K[coils, ky, kx] sampled where mask[ky] > 0, ky ascending."""
+def acquisitions_from_kspace(kspace: np.ndarray, mask: np.ndarray, fov_mm=(256.0, 256.0, 5.0),
+                             reference_lines: np.ndarray | None = None):
+    """(header XML, acquisitions) for K[coils, ky, kx] sampled where mask[ky] > 0, ky ascending.
+
+    reference_lines [ky] (optional): calibration lines, flagged as a scanner flags them: lines
+    that are also image lines are ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING (embedded ACS); the
+    others ACQ_IS_PARALLEL_CALIBRATION (a separate reference, streamed first)."""
     coils, ny, nx = kspace.shape
-    lines = np.flatnonzero(np.asarray(mask) > 0.5)
+    image = np.asarray(mask) > 0.5
+    reference = np.zeros(ny, dtype=bool) if reference_lines is None else np.asarray(reference_lines, dtype=bool)
+    order = [(int(ky), False) for ky in np.flatnonzero(reference & ~image)]
+    order += [(int(ky), True) for ky in np.flatnonzero(image)]
     acquisitions = []
-    for number, ky in enumerate(lines):
-        acquisition = cartesian_line(kspace[:, ky, :], int(ky), counter=number, last=number == len(lines) - 1)
+    for number, (ky, is_image) in enumerate(order):
+        acquisition = cartesian_line(kspace[:, ky, :], ky, counter=number, last=number == len(order) - 1)
         acquisition.acquisition_time_stamp = number * 4  # 10 ms per line in 2.5 ms ticks
+        if reference[ky]:
+            acquisition.set_flag(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING if is_image
+                                 else ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
         acquisitions.append(acquisition)
     return header_for(coils, ny, nx, fov_mm), acquisitions
 
