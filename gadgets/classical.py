@@ -37,6 +37,11 @@ DEFAULT_GRAPPA_LAMBDA = 1e-2
 DEFAULT_SENSE_LAMBDA = 1e-2
 DEFAULT_SENSE_ITERATIONS = 30
 DEFAULT_VIRTUAL_COILS = 16
+# ESPIRiT calibration region of the sense chain: at most this many central reference lines and
+# readout samples (the cost grows with patches x (coils k^2)^2; on the 14-channel Siemens slice
+# with 49 reference lines x 192 samples the full block took 4 s, as long as BART's whole recon).
+# On the real datasets the cropped maps gave the same SENSE PSNR within 0.1 dB (brain R8 0.4 dB).
+SENSE_CALIBRATION_REGION = (32, 64)
 SERIES = {"zero-filled": 1, "grappa": 3, "sense": 4}      # pisf is 2
 NAMES = {"grappa": "GRAPPA", "sense": "SENSE", "zero-filled": "zero-filled"}
 
@@ -173,7 +178,7 @@ def reconstruct_classical(data: SliceData, method: str, options: ClassicalOption
         result = ClassicalImage("grappa", magnitude.astype(np.float32), description, meta)
     else:
         matrix, coil_maps = maps if maps is not None else compressed_maps(
-            block, data.kspace.shape[1:], options.virtual_coils)
+            centre_region(block, *SENSE_CALIBRATION_REGION), data.kspace.shape[1:], options.virtual_coils)
         measured = compress(data.kspace * data.mask[None, :, None], matrix)
         image = sense_tikhonov(ifftc(measured, axes=(-1,)), data.mask, coil_maps, lam=options.sense_lambda,
                                iterations=options.sense_iterations)
@@ -183,6 +188,13 @@ def reconstruct_classical(data: SliceData, method: str, options: ClassicalOption
         result = ClassicalImage("sense", np.abs(image).astype(np.float32), description, meta, image=image)
     meta["PISF_ReconMs"] = f"{(time.perf_counter() - started) * 1e3:.1f}"
     return result
+
+
+def centre_region(block: np.ndarray, lines: int, columns: int) -> np.ndarray:
+    """The central (at most) lines x columns of a reference block [C, L, nx]."""
+    _, ly, lx = block.shape
+    y0, x0 = max(0, (ly - lines) // 2), max(0, (lx - columns) // 2)
+    return block[:, y0:y0 + min(lines, ly), x0:x0 + min(columns, lx)]
 
 
 def classical_options(lam: float | None, method: str, **options) -> ClassicalOptions:

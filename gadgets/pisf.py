@@ -121,8 +121,7 @@ def trained_ranges(metadata: dict) -> dict[str, tuple[float, float]]:
 def guard_reasons(data: SliceData, partitions: int, reconstructor: PisfReconstructor,
                   trajectory: str | None) -> list[tuple[str, str]]:
     """Why this slice is outside what the model was trained for, as (guard, text) pairs (empty:
-    inside). Checks, in
-    order: Cartesian 2D, reference lines (contract 2 calibrates its coil maps on them),
+    inside). Checks, in order: Cartesian 2D, reference lines (contract 2 calibrates its coil maps on them),
     acceleration and row length against the trained ranges in the model metadata, receive coils
     against the model's (virtual) coil count (`trained_coils_min` where the metadata has it)."""
     reasons = []

@@ -22,11 +22,12 @@ def sense_tikhonov(hybrid: np.ndarray, mask: np.ndarray, maps: np.ndarray, lam: 
     maps = np.asarray(maps, dtype=np.complex64)
     diagonal = float(np.max(np.sum(np.abs(maps) ** 2, axis=0))) * sampled.mean()
     weight = np.float32(lam * max(diagonal, 1e-12))
+    conj_maps = maps.conj()
 
     def normal(x):
-        return np.sum(maps.conj() * ifftc(fftc(maps * x[None], axes=(1,)) * sampled, axes=(1,)), axis=0) + weight * x
+        return np.sum(conj_maps * ifftc(fftc(maps * x[None], axes=(1,)) * sampled, axes=(1,)), axis=0) + weight * x
 
-    rhs = np.sum(maps.conj() * ifftc(np.asarray(hybrid) * sampled, axes=(1,)), axis=0)
+    rhs = np.sum(conj_maps * ifftc(np.asarray(hybrid) * sampled, axes=(1,)), axis=0)
     x = np.zeros_like(rhs)
     residual = rhs.copy()
     direction = residual.copy()
