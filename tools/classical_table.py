@@ -1,0 +1,97 @@
+"""The classical chains against BART, from a `pisf evaluate` run with the chains' cores as methods:
+
+    pisf evaluate --model none --method grappa=tools.classical_eval:grappa \
+                  --method sense=tools.classical_eval:sense --out runs/eval_classical
+    python -m tools.classical_table runs/eval_classical
+
+Per case: zero-filled, BART SENSE-l2 tuned per case against the reference (the oracle of
+tools/bart_anchors.py), BART SENSE-l2 at one fixed setting for every case (`ecalib -m1 -c 0.9`,
+`pics -l2 -r 0.01`, 100 iterations: like the chains, no per-case tuning; from the anchors' disk
+cache, computed when missing), the sense and grappa chains' cores; PSNR / SSIM and seconds
+(BART: ecalib + pics, single-threaded; ours: the call). Writes OUT/classical_table.md.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+FIXED = {"maps": 1, "crop": 0.9, "lambda": 0.01}
+
+
+def fixed_bart(rows: list[dict], data_dir: Path, cache: str) -> dict[tuple[str, str], dict]:
+    """(dataset, case) -> {metrics, seconds} of BART SENSE-l2 at FIXED on every row's case."""
+    from tools.bart_anchors import BartCase
+    from tools.eval_data import load_datasets, make_cases, undersample
+    from tools.metrics import all_metrics, foreground_mask
+
+    out = {}
+    for dataset in load_datasets(data_dir, sorted({r["dataset"] for r in rows}), log=lambda *_: None):
+        cases = {c.name: c for c in make_cases(dataset.name, dataset.kspace.shape[1])}
+        foreground = foreground_mask(dataset.reference)
+        for row in rows:
+            if row["dataset"] != dataset.name or row["case"] not in cases:
+                continue
+            image_kspace, calibration = undersample(cases[row["case"]], dataset.kspace)
+            with BartCase(image_kspace, calibration, cache) as case:
+                image, ecalib_s, pics_s, _ = case.reconstruct("l2", FIXED["maps"], FIXED["crop"], FIXED["lambda"])
+            out[(row["dataset"], row["case"])] = {"metrics": all_metrics(dataset.reference, image, foreground),
+                                                  "seconds": ecalib_s + pics_s}
+    return out
+
+
+def table(results: dict, fixed: dict) -> str:
+    rows = results["rows"]
+    head = ["dataset", "case", "R", "zero-filled", "BART l2 tuned", "BART l2 fixed", "sense", "sense - tuned",
+            "sense - fixed", "grappa", "grappa - tuned", "seconds: BART tuned / fixed / sense / grappa"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    deltas = {"sense_tuned": [], "sense_fixed": [], "grappa_tuned": [], "grappa_fixed": []}
+    speed = {"sense": [], "grappa": []}
+
+    def cell(m):
+        return f"{m['psnr']:.2f} / {m['ssim']:.3f}"
+
+    for r in rows:
+        m, s = r["metrics"], r["seconds"]
+        f = fixed.get((r["dataset"], r["case"]))
+        if "sense" not in m or "bart_sense_l2" not in m or f is None:
+            continue
+        tuned = m["bart_sense_l2"]["psnr"]
+        d_st, d_sf = m["sense"]["psnr"] - tuned, m["sense"]["psnr"] - f["metrics"]["psnr"]
+        d_gt, d_gf = m["grappa"]["psnr"] - tuned, m["grappa"]["psnr"] - f["metrics"]["psnr"]
+        for key, value in zip(deltas, (d_st, d_sf, d_gt, d_gf)):
+            deltas[key].append(value)
+        speed["sense"].append(s["sense"] / s["bart_sense_l2"])
+        speed["grappa"].append(s["grappa"] / s["bart_sense_l2"])
+        lines.append(f"| {r['dataset']} | {r['case']} | {r['R_achieved']:.2f} | {cell(m['zero_filled'])} "
+                     f"| {cell(m['bart_sense_l2'])} | {cell(f['metrics'])} | {cell(m['sense'])} | {d_st:+.2f} "
+                     f"| {d_sf:+.2f} | {cell(m['grappa'])} | {d_gt:+.2f} "
+                     f"| {s['bart_sense_l2']:.2f} / {f['seconds']:.2f} / {s['sense']:.2f} / {s['grappa']:.2f} |")
+    n = len(deltas["sense_tuned"])
+    if n:
+        lines += ["", f"{n} cases. PSNR difference (dB), mean / min / cases within 0.5 dB or better:", ""]
+        for key, values in deltas.items():
+            values = np.asarray(values)
+            lines.append(f"- {key.replace('_', ' vs BART l2 ')}: {values.mean():+.2f} / {values.min():+.2f} / "
+                         f"{int(np.sum(values >= -0.5))} of {n}")
+        for method, ratios in speed.items():
+            lines.append(f"- {method} time / BART l2 tuned (ecalib + pics) time: median {np.median(ratios):.2f}, "
+                         f"max {np.max(ratios):.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    from tools.eval_data import DEFAULT_DATA
+    out = Path(argv[0] if argv else "runs/eval_classical")
+    results = json.loads((out / "results.json").read_text())
+    fixed = fixed_bart(results["rows"], Path(argv[1]) if len(argv) > 1 else DEFAULT_DATA, "runs/bart_cache")
+    text = table(results, fixed)
+    (out / "classical_table.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
