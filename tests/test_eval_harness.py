@@ -122,6 +122,7 @@ def test_harness_passes_methods_what_a_scanner_sends(tmp_path):
             assert (calibration_lines & ~image_lines).any()
         # the spy is a zero-filled recon: same numbers as the built-in one
         assert row["metrics"]["spy"]["psnr"] == pytest.approx(row["metrics"][ZERO_FILLED]["psnr"], abs=1e-6)
+        assert set(row["metrics"]["spy"]) == {"psnr", "ssim", "nmse", "psnr_fg", "ssim_fg"}
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["rows"][0]["metrics"]["spy"]["psnr"] == pytest.approx(summary["rows"][0]["metrics"]["spy"]["psnr"])
     table = (tmp_path / "results.md").read_text()
@@ -151,6 +152,14 @@ def test_tuned_bart_sense_beats_zero_filled(tmp_path):
     again = bart_anchors(image, calibration, dataset.reference, cache_dir=tmp_path, regularisers=("l2",))
     assert all(t["cached"] for t in again["bart_sense_l2"].trials)
     assert again["bart_sense_l2"].psnr == pytest.approx(sense.psnr)
+
+
+def test_bart_lambdas_live_on_a_quarter_decade_grid():
+    from tools.bart_anchors import LAMBDAS_COARSE, LAMBDA_RANGE, _canonical
+    assert _canonical(1e-3 / 10 ** 0.5 / 10 ** 0.5) == _canonical(1e-4) == 1e-4
+    assert _canonical(3e-2) == 0.0316 and _canonical(1e-3 * 10 ** 0.25) == 0.00178
+    for reg, grid in LAMBDAS_COARSE.items():
+        assert all(_canonical(lam) == lam for lam in grid + LAMBDA_RANGE[reg])
 
 
 def test_cfl_round_trip(tmp_path):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -43,8 +44,9 @@ from tools.cfl import read_cfl, write_cfl
 
 CACHE_DIR = Path("runs/bart_cache")
 REGULARISERS = ("l2", "l1")
-LAMBDAS_COARSE = {"l2": (1e-4, 1e-3, 1e-2, 1e-1), "l1": (1e-4, 1e-3, 1e-2, 3e-2)}
-LAMBDA_RANGE = {"l2": (3e-5, 3e-1), "l1": (3e-5, 1e-1)}   # refinement stays inside
+# lambdas live on the quarter-decade grid 10^(k/4) (0.0316 is the "3e-2" of the l1 grid)
+LAMBDAS_COARSE = {"l2": (1e-4, 1e-3, 1e-2, 1e-1), "l1": (1e-4, 1e-3, 1e-2, 3.16e-2)}
+LAMBDA_RANGE = {"l2": (3.16e-5, 0.316), "l1": (3.16e-5, 0.1)}   # the line searches stay inside
 MAPS = (1, 2)
 CROPS = (0.8, 0.9, 0.95, None)                              # None: no crop (-c 0)
 DEFAULT_CALIBRATION = (1, 0.9)
@@ -85,8 +87,9 @@ def _psnr(reference: np.ndarray, image: np.ndarray) -> float:
 
 
 def _canonical(lam: float) -> float:
-    """lambda rounded to 3 significant digits (one key for one value however it was reached)."""
-    return float(f"{lam:.3g}")
+    """lambda snapped to the quarter-decade grid 10^(k/4), 3 significant digits (one key for one
+    value however the search reached it)."""
+    return float(f"{10 ** (round(4 * math.log10(lam)) / 4):.3g}")
 
 
 @dataclass

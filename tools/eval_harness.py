@@ -18,7 +18,8 @@ are `tools.eval_data.sampled_lines(calibration_kspace)`. Plug methods in with
 
 or on the command line with `pisf evaluate --model MODEL.onnx` (an ONNX model through
 `model_method`) or `--method NAME=package.module:factory` (factory() returns a method).
-Metrics: tools/metrics.py `all_metrics` (after a least-squares scale match).
+Metrics: tools/metrics.py `all_metrics` (after a least-squares scale match: PSNR, SSIM, NMSE,
+foreground PSNR) plus `foreground_ssim` (SSIM over the object only) as `ssim_fg`.
 Writes OUT/results.json, OUT/results.md and OUT/figure_<dataset>.png.
 """
 from __future__ import annotations
@@ -53,14 +54,16 @@ def zero_filled(image_kspace: np.ndarray, mask: np.ndarray, calibration_kspace: 
 
 
 def model_method(model_path: str | Path, threads: int = 1, **options) -> Method:
-    """An ONNX PISF model as a method, through PisfReconstructor.reconstruct(kspace, mask,
-    calibration=the reference lines [C, n_ref, nx]) (coil compression calibrated on them)."""
+    """An ONNX PISF model (either contract) as a method, through
+    PisfReconstructor.reconstruct(kspace, mask, calibration=calibration k-space grid,
+    reference_lines=its lines): contract 1 compresses coils on those lines, contract 2
+    calibrates its coil maps on them."""
     from gadgets.numerics.pisf_inference import PisfReconstructor
     recon = PisfReconstructor(model_path, threads=threads, **options)
 
     def method(image_kspace, mask, calibration_kspace):
-        lines = sampled_lines(calibration_kspace)
-        return recon.reconstruct(image_kspace, mask, calibration=calibration_kspace[:, lines, :])
+        return recon.reconstruct(image_kspace, mask, calibration=calibration_kspace,
+                                 reference_lines=sampled_lines(calibration_kspace))
 
     method.metadata = dict(recon.metadata)
     method.reconstructor = recon
@@ -78,11 +81,19 @@ def method_from_spec(spec: str) -> tuple[str, Method]:
 
 
 # ----------------------------------------------------------------------------- one case
+def case_metrics(reference: np.ndarray, image: np.ndarray, foreground: np.ndarray) -> dict:
+    """all_metrics (psnr, ssim, nmse, psnr_fg; scale-matched) plus ssim_fg."""
+    from tools.metrics import all_metrics, foreground_ssim, scale_match
+    metrics = all_metrics(reference, image, foreground)
+    metrics["ssim_fg"] = foreground_ssim(reference, scale_match(image, reference), foreground)
+    return metrics
+
+
 def evaluate_case(dataset: Dataset, case: Case, methods: dict[str, Method], use_bart: bool = True,
                   bart_cache: str | Path | None = CACHE_DIR, log=print) -> tuple[dict, dict[str, np.ndarray]]:
     """(result row, {method: image}) of one case; zero-filled first, then BART, then `methods`.
     bart_cache: folder of the BART result cache (None: no cache)."""
-    from tools.metrics import all_metrics, foreground_mask
+    from tools.metrics import foreground_mask
     reference = dataset.reference
     foreground = foreground_mask(reference)
     image_kspace, calibration_kspace = undersample(case, dataset.kspace)
@@ -98,7 +109,7 @@ def evaluate_case(dataset: Dataset, case: Case, methods: dict[str, Method], use_
         if image.shape != reference.shape:
             raise ValueError(f"{name} returned {image.shape}, expected {reference.shape}")
         images[name] = image
-        row["metrics"][name] = all_metrics(reference, image, foreground)
+        row["metrics"][name] = case_metrics(reference, image, foreground)
         row["seconds"][name] = seconds
 
     start = time.perf_counter()
@@ -199,7 +210,8 @@ def method_summary(rows: list[dict]) -> dict:
         scored = [r for r in rows if name in r["metrics"]]
         entry = {"cases": len(scored),
                  "mean_psnr": float(np.mean([r["metrics"][name]["psnr"] for r in scored])),
-                 "mean_ssim": float(np.mean([r["metrics"][name]["ssim"] for r in scored]))}
+                 "mean_ssim": float(np.mean([r["metrics"][name]["ssim"] for r in scored])),
+                 "mean_ssim_fg": float(np.mean([r["metrics"][name]["ssim_fg"] for r in scored]))}
         with_bart = [r for r in scored if all(a in r["metrics"] for a in anchors) and anchors]
         if with_bart and name not in anchors:
             margins = [r["metrics"][name]["psnr"] - max(r["metrics"][a]["psnr"] for a in anchors) for r in with_bart]
@@ -241,14 +253,17 @@ def markdown_report(summary: dict) -> str:
         cells.append(" / ".join(f"{r['seconds'][m]:.2f}" if m in r["seconds"] else "-"
                                 for m in methods if m != ZERO_FILLED))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| method | cases | mean PSNR | mean SSIM | mean / min PSNR margin vs best BART | "
-              "cases >= best BART + 1 dB and SSIM >= BART |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| method | cases | mean PSNR | mean SSIM | mean fg-SSIM | mean / min PSNR margin vs best BART | "
+              "cases >= best BART + 1 dB and SSIM >= BART |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, s in summary["summary"].items():
         margin = (f"{s['mean_margin_vs_best_bart_db']:+.2f} / {s['min_margin_vs_best_bart_db']:+.2f}"
                   if "mean_margin_vs_best_bart_db" in s else "-")
         target = f"{s['cases_meeting_target']} of {s['cases']}" if "cases_meeting_target" in s else "-"
-        lines.append(f"| {name} | {s['cases']} | {s['mean_psnr']:.2f} | {s['mean_ssim']:.3f} | {margin} | {target} |")
-    lines += ["", f"Total time {summary['total_seconds']:.0f} s. Seconds: BART = ecalib + pics at the chosen "
+        lines.append(f"| {name} | {s['cases']} | {s['mean_psnr']:.2f} | {s['mean_ssim']:.3f} | {s['mean_ssim_fg']:.3f} "
+                     f"| {margin} | {target} |")
+    lines += ["", "fg-SSIM: SSIM averaged over the object only (results.json `ssim_fg`; the whole-image SSIM "
+              "also scores how the background noise is rendered).", "",
+              f"Total time {summary['total_seconds']:.0f} s. Seconds: BART = ecalib + pics at the chosen "
               "settings (measured single-threaded; tuning time in results.json), methods = the call.", ""]
     if summary.get("figures"):
         lines += ["Figures: " + ", ".join(Path(f).name for f in summary["figures"]), ""]

@@ -127,7 +127,8 @@ def bart_l1_lambda_grid(kspace: np.ndarray, calibration_size: int, lambdas, refe
 def evaluate_poisson2d(data_dir: Path, models: dict, use_bart: bool, log=print) -> list[dict]:
     """The 2D-Poisson brain row (previous code path), in the harness's row format."""
     from gadgets.numerics.pisf_inference import zero_filled
-    from tools.metrics import all_metrics, foreground_mask
+    from tools.eval_harness import case_metrics
+    from tools.metrics import foreground_mask
     if not (Path(data_dir) / "brain_8coil_poisson_ksp.cfl").is_file():
         log(f"skipping dataset {POISSON2D}: {Path(data_dir) / 'brain_8coil_poisson_ksp.cfl'} not found")
         return []
@@ -138,11 +139,11 @@ def evaluate_poisson2d(data_dir: Path, models: dict, use_bart: bool, log=print) 
            "layout": "embedded", "image_lines": None, "reference_lines": 21, "ny": kspace.shape[1],
            "nx": kspace.shape[2], "coils": kspace.shape[0], "metrics": {}, "seconds": {}, "bart": {}}
     start = time.perf_counter()
-    row["metrics"]["zero_filled"] = all_metrics(reference, zero_filled(kspace, mask2d), fg)
+    row["metrics"]["zero_filled"] = case_metrics(reference, zero_filled(kspace, mask2d), fg)
     row["seconds"]["zero_filled"] = time.perf_counter() - start
     if use_bart:
         bart = bart_l1_lambda_grid(kspace, 21, POISSON_LAMBDAS, reference)
-        row["metrics"]["bart_l1_espirit"] = all_metrics(reference, bart["image"], fg)
+        row["metrics"]["bart_l1_espirit"] = case_metrics(reference, bart["image"], fg)
         row["seconds"]["bart_l1_espirit"] = bart["seconds"]
         row["bart"]["bart_l1_espirit"] = {
             "settings": {"regulariser": "l1", "maps": 1, "crop": 0.9, "lambda": bart["lambda"],
@@ -153,7 +154,7 @@ def evaluate_poisson2d(data_dir: Path, models: dict, use_bart: bool, log=print) 
         start = time.perf_counter()
         image = recon.reconstruct(kspace, mask2d)
         row["seconds"][name] = time.perf_counter() - start
-        row["metrics"][name] = all_metrics(reference, image, fg)
+        row["metrics"][name] = case_metrics(reference, image, fg)
     log(f"  {POISSON2D} R {row['R']}: " + ", ".join(f"{n} {m['psnr']:.2f}" for n, m in row["metrics"].items()))
     return [row]
 
