@@ -215,3 +215,20 @@ def test_pisf_compare_chain_sends_two_series_with_signals(server, tmp_path):
         assert 0 < float(image.meta["PISF_DiffToClassical"]) < 1
     assert all(i.meta["PISF_Method"] == "GRAPPA" for i in by_series[3])
     assert by_series[3][0].meta["PISF_ScaleFactor"] != by_series[2][0].meta["PISF_ScaleFactor"]
+
+
+def test_an_inference_core_that_takes_the_calibration_gets_the_gadgets_maps(stage):
+    """ESPIRiT once per slice: the maps the residual uses go into the core when it accepts them."""
+    recon, model = stage()
+    seen = {}
+
+    def reconstruct_image(kspace, mask, calibration, reference_lines, calibrated=None):
+        seen["calibrated"] = calibrated
+        return StubModel.reconstruct_image(model, kspace, mask, calibration, reference_lines)
+
+    model.reconstruct_image = reconstruct_image
+    kspace, mask, lines = scan()
+    _, images = run(recon, slice_item(kspace, mask, lines))
+    matrix, maps = seen["calibrated"]
+    assert matrix.shape == (8, 8) and maps.shape == (8, 64, 64)
+    assert images[0].meta["PISF_Method"] == "PISF"
