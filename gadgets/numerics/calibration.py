@@ -97,6 +97,23 @@ def image_space_operator(kernels: np.ndarray, shape: tuple[int, int]) -> np.ndar
     return np.ascontiguousarray(operator.conj()) / np.float32(k * k)
 
 
+def low_resolution_start(reference: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Unit-norm coil vectors [C, ny, nx] of the reference block's zero-padded low-resolution coil
+    images (constant where they vanish): the power iteration's start."""
+    from .fft import ifftc
+
+    coils, ly, lx = reference.shape
+    ny, nx = shape
+    grid = np.zeros((coils, ny, nx), dtype=np.complex64)
+    y0, x0 = max(0, ny // 2 - ly // 2), max(0, nx // 2 - lx // 2)
+    grid[:, y0:y0 + min(ly, ny), x0:x0 + min(lx, nx)] = reference[:, :ny, :nx]
+    images = ifftc(grid, axes=(1, 2))
+    norm = np.sqrt(np.sum(np.abs(images) ** 2, axis=0))
+    start = np.where(norm > 1e-6 * max(float(norm.max()), 1e-30), images / np.maximum(norm, 1e-30),
+                     1 / np.sqrt(coils))
+    return start.astype(np.complex64)
+
+
 def espirit_maps(reference: np.ndarray, shape: tuple[int, int], kernel: int = DEFAULT_KERNEL,
                  threshold: float = DEFAULT_THRESHOLD, iterations: int = 12,
                  crop: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -104,13 +121,16 @@ def espirit_maps(reference: np.ndarray, shape: tuple[int, int], kernel: int = DE
     eigenvalue is > 0) and eigenvalues [ny, nx] from the reference block [C, ly, lx] (centred in
     k-space, any lx <= nx; the full readout width gives the sharpest maps).
 
-    The gap between ESPIRiT's first eigenvalue (~1) and the second is large inside the object,
-    so a dozen power iterations converge there."""
+    The power iteration starts from the low-resolution coil images of the reference block (per
+    pixel close to the sensitivities, i.e. to the first eigenvector): from a constant start, 12
+    iterations had not converged on the 14-channel Siemens slice (low-resolution projection
+    residual 0.128, a streak through the SENSE and PISF v2 images; 0.023 after 40 iterations),
+    from this start 6 reach 0.022; SENSE on the evaluation datasets moved by <= 0.1 dB."""
     reference = np.asarray(reference)
     coils, ly, lx = reference.shape
     kernel = min(kernel, ly, lx)
     operator = image_space_operator(signal_kernels(reference, kernel, threshold), shape)   # [C, C, ny, nx]
-    vector = np.full((coils,) + tuple(shape), 1 / np.sqrt(coils), dtype=np.complex64)
+    vector = low_resolution_start(reference, tuple(shape))
     for _ in range(iterations):
         vector = np.einsum("cdyx,dyx->cyx", operator, vector)
         vector /= np.maximum(np.sqrt(np.sum(np.abs(vector) ** 2, axis=0)), 1e-30)
