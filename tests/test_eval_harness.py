@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tools import eval_data
-from tools.eval_data import (SEPARATE_REFERENCE_LINES, Case, Dataset, centre_lines, make_cases,
+from tools.eval_data import (SEPARATE_REFERENCE_LINES, Dataset, centre_lines, make_cases,
                              reference_from_kspace, sampled_lines, undersample)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

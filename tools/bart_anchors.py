@@ -112,7 +112,7 @@ class AnchorResult:
     def settings_text(self) -> str:
         s = self.settings
         crop = "none" if s["crop"] is None else f"{s['crop']:g}"
-        return f"m{s['maps']} c{crop} r{s['lambda']:.2g} i{s['iterations']}"
+        return f"m{s['maps']} c{crop} r{s['lambda']:.3g} i{s['iterations']}"
 
 
 class BartCase:
