@@ -10,8 +10,9 @@ slice); separate and interleaved references only calibrate, unless `acs_as_data`
 - GRAPPA (gadgets/numerics/grappa.py): kernels of 2 x 2 source lines x 5 readout taps per
   source geometry, applied row by row in hybrid space; root-sum-of-squares coil combination.
 - SENSE (gadgets/numerics/sense.py): ESPIRiT maps (gadgets/numerics/calibration.py) of the
-  virtual coils, Tikhonov-regularised CG-SENSE row by row; the image is the coil-combined
-  complex image, and its data-consistency residual goes into the meta.
+  virtual coils, Tikhonov-regularised CG-SENSE row by row (`regulariser: l2`), or l1 on Haar
+  wavelet coefficients by FISTA (`regulariser: l1`); the image is the coil-combined complex
+  image, and its data-consistency residual goes into the meta.
 More than `virtual_coils` channels are SVD-compressed on the reference block first.
 3D scans undersampled along ky only (the same ky lines in every partition) are transformed
 along kz and reconstructed partition by partition.
@@ -30,12 +31,15 @@ from .numerics.coils import coil_compression_matrix, compress, root_sum_of_squar
 from .numerics.fft import ifftc
 from .numerics.grappa import DEFAULT_KX_TAPS, DEFAULT_KY_SOURCES, grappa_fill
 from .numerics.quality import sense_residual
-from .numerics.sense import sense_tikhonov
+from .numerics.sense import sense_l1_wavelet, sense_tikhonov
 
 METHODS = ("grappa", "sense")
 DEFAULT_GRAPPA_LAMBDA = 1e-2
 DEFAULT_SENSE_LAMBDA = 1e-2
 DEFAULT_SENSE_ITERATIONS = 30
+DEFAULT_SENSE_L1_LAMBDA = 2e-3           # relative to max |A^H y|
+DEFAULT_SENSE_L1_ITERATIONS = 60
+REGULARISERS = ("l2", "l1")
 DEFAULT_VIRTUAL_COILS = 16
 # ESPIRiT calibration region of the sense chain: at most this many central reference lines and
 # readout samples (the cost grows with patches x (coils k^2)^2; on the 14-channel Siemens slice
@@ -145,6 +149,9 @@ class ClassicalOptions:
     kx_taps: int = DEFAULT_KX_TAPS
     sense_lambda: float = DEFAULT_SENSE_LAMBDA
     sense_iterations: int = DEFAULT_SENSE_ITERATIONS
+    sense_regulariser: str = "l2"
+    sense_l1_lambda: float = DEFAULT_SENSE_L1_LAMBDA
+    sense_l1_iterations: int = DEFAULT_SENSE_L1_ITERATIONS
     virtual_coils: int = DEFAULT_VIRTUAL_COILS
 
 
@@ -180,10 +187,17 @@ def reconstruct_classical(data: SliceData, method: str, options: ClassicalOption
         matrix, coil_maps = maps if maps is not None else compressed_maps(
             centre_region(block, *SENSE_CALIBRATION_REGION), data.kspace.shape[1:], options.virtual_coils)
         measured = compress(data.kspace * data.mask[None, :, None], matrix)
-        image = sense_tikhonov(ifftc(measured, axes=(-1,)), data.mask, coil_maps, lam=options.sense_lambda,
-                               iterations=options.sense_iterations)
-        description = (f"SENSE (ESPIRiT maps, CG, lambda {options.sense_lambda:g}, {lines} {source})")
-        meta.update({"PISF_Method": "SENSE", "PISF_VirtualCoils": str(matrix.shape[0]),
+        if options.sense_regulariser == "l1":
+            image = sense_l1_wavelet(ifftc(measured, axes=(-1,)), data.mask, coil_maps, lam=options.sense_l1_lambda,
+                                     iterations=options.sense_l1_iterations)
+            description = (f"SENSE-l1 (ESPIRiT maps, Haar wavelets, FISTA, lambda {options.sense_l1_lambda:g}, "
+                           f"{lines} {source})")
+        else:
+            image = sense_tikhonov(ifftc(measured, axes=(-1,)), data.mask, coil_maps, lam=options.sense_lambda,
+                                   iterations=options.sense_iterations)
+            description = (f"SENSE (ESPIRiT maps, CG, lambda {options.sense_lambda:g}, {lines} {source})")
+        meta.update({"PISF_Method": "SENSE-l1" if options.sense_regulariser == "l1" else "SENSE",
+                     "PISF_VirtualCoils": str(matrix.shape[0]),
                      "PISF_DataConsistency": f"{sense_residual(image, coil_maps, measured, data.mask):.4f}"})
         result = ClassicalImage("sense", np.abs(image).astype(np.float32), description, meta, image=image)
     meta["PISF_ReconMs"] = f"{(time.perf_counter() - started) * 1e3:.1f}"
@@ -198,11 +212,16 @@ def centre_region(block: np.ndarray, lines: int, columns: int) -> np.ndarray:
 
 
 def classical_options(lam: float | None, method: str, **options) -> ClassicalOptions:
-    """ClassicalOptions from stage parameters (`lambda` applies to the stage's own method)."""
+    """ClassicalOptions from stage parameters (`lam` applies to the stage's own method and
+    regulariser)."""
     out = ClassicalOptions(**options)
+    if out.sense_regulariser not in REGULARISERS:
+        raise ValueError(f"regulariser must be one of {', '.join(REGULARISERS)}, not {out.sense_regulariser!r}")
     if lam is not None:
         if method == "grappa":
             out.grappa_lambda = float(lam)
+        elif out.sense_regulariser == "l1":
+            out.sense_l1_lambda = float(lam)
         else:
             out.sense_lambda = float(lam)
     return out
@@ -215,13 +234,16 @@ class ClassicalRecon:
 
     def __init__(self, context: StreamContext, regularisation: float | None = None,
                  virtual_coils: int = DEFAULT_VIRTUAL_COILS, acs_as_data: str | bool = "auto",
-                 iterations: int = DEFAULT_SENSE_ITERATIONS, ky_sources: int = DEFAULT_KY_SOURCES,
-                 kx_taps: int = DEFAULT_KX_TAPS):
+                 iterations: int | None = None, ky_sources: int = DEFAULT_KY_SOURCES,
+                 kx_taps: int = DEFAULT_KX_TAPS, regulariser: str = "l2"):
         self.context = context
         self.acs_as_data = acs_as_data_default(context, acs_as_data)
+        counts = {}
+        if iterations is not None:
+            counts["sense_l1_iterations" if regulariser == "l1" else "sense_iterations"] = int(iterations)
         self.options = classical_options(regularisation, self.method, virtual_coils=int(virtual_coils),
-                                         sense_iterations=int(iterations), ky_sources=int(ky_sources),
-                                         kx_taps=int(kx_taps))
+                                         ky_sources=int(ky_sources), kx_taps=int(kx_taps),
+                                         sense_regulariser=str(regulariser), **counts)
         self.noted: set[str] = set()
 
     def __call__(self, items):

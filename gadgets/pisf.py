@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .classical import (METHODS, NAMES, SERIES, ClassicalOptions, SliceData, acs_as_data_default, partitions,
+from .classical import (METHODS, SERIES, SliceData, acs_as_data_default, classical_options, partitions,
                         reconstruct_classical)
 from .context import StreamContext
 from .finish import SERIES_META
@@ -168,7 +168,8 @@ class PisfRecon:
     Before the network runs, the model-range guard (`guard_reasons`) checks the slice against
     the model's metadata; outside it the slice is reconstructed by `fallback` (grappa or sense),
     the client gets a TEXT warning naming why, and the image meta names the method
-    (PISF_Method, PISF_Guard). `side_by_side` (grappa or sense) also sends the classical image
+    (PISF_Method, PISF_Guard); `sense_regulariser` (l2 or l1) applies to the sense images it
+    makes. `side_by_side` (grappa or sense) also sends the classical image
     of every slice as its own series (`side_by_side_series_index`, default 3 for grappa, 4 for
     sense). Quality signals in the meta: PISF_DataConsistency (||M F(S x) - y|| / ||y|| on the
     measured lines) and, side by side, PISF_DiffToClassical (normalised difference)."""
@@ -177,7 +178,7 @@ class PisfRecon:
                  providers: list[str] | tuple[str, ...] = DEFAULT_PROVIDERS, threads: int = 0,
                  max_rows_per_run: int = 0, acs_as_data: str | bool = "auto", io_binding: bool | str = "auto",
                  fp16: bool = False, fallback: str = "sense", side_by_side: str | None = None,
-                 side_by_side_series_index: int | None = None):
+                 side_by_side_series_index: int | None = None, sense_regulariser: str = "l2"):
         self.context = context
         # Embedded ACS lines are measured k-space of this very slice: data consistency should keep
         # them. Separate or interleaved references may differ (resolution, time), so by default
@@ -195,7 +196,8 @@ class PisfRecon:
         self.reconstructor = shared_reconstructor(model, providers, threads, max_rows_per_run, io_binding, fp16)
         self.model_name = resolve_model(model).name
         self.provider = self.reconstructor.session.get_providers()[0]
-        self.options = ClassicalOptions(virtual_coils=self.reconstructor.virtual_coils)
+        self.options = classical_options(None, "sense", virtual_coils=self.reconstructor.virtual_coils,
+                                         sense_regulariser=str(sense_regulariser))
         encoding = context.header.encoding[0]
         trajectory = getattr(encoding, "trajectory", None)
         self.trajectory = str(getattr(trajectory, "value", trajectory)) if trajectory is not None else None
@@ -248,7 +250,7 @@ class PisfRecon:
             side = reconstruct_classical(data, self.side_by_side, self.options,
                                          maps=maps if self.side_by_side == "sense" else None)
             meta["PISF_DiffToClassical"] = f"{normalised_difference(magnitude, side.magnitude):.4f}"
-            meta["PISF_ClassicalMethod"] = NAMES[side.method]
+            meta["PISF_ClassicalMethod"] = side.meta["PISF_Method"]
         yield ReconImage(key=item.key, data=magnitude[None], reference=item.reference,
                          recon=f"PISF {self.reconstructor.variant} ({self.model_name}), R {data.acceleration:.1f}",
                          meta=meta, complete=item.complete, last_line_time=item.last_line_time)
@@ -308,7 +310,7 @@ class PisfRecon:
                    started: float):
         why = "; ".join(text for _, text in reasons)
         results = [reconstruct_classical(plane, self.fallback, self.options) for plane in planes]
-        used = NAMES[results[0].method]
+        used = results[0].meta["PISF_Method"]
         # one TEXT per kind of reason and method (every image's meta has the slice's own reason)
         yield from self._announce(f"PISF not used for {item.key}: {why}; reconstructed with {used} instead "
                                   "(further slices failing the same checks are not announced)",

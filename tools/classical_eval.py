@@ -1,7 +1,7 @@
 """The classical chains' reconstruction core as `pisf evaluate` methods.
 
     pisf evaluate --model none --method grappa=tools.classical_eval:grappa \
-                  --method sense=tools.classical_eval:sense
+                  --method sense=tools.classical_eval:sense --method sense_l1=tools.classical_eval:sense_l1
 
 Each factory returns method(image_kspace, mask, calibration_kspace) -> magnitude image, calling
 exactly what the `grappa` / `sense` chain stages call (gadgets.classical.reconstruct_classical)
@@ -15,11 +15,11 @@ import os
 import numpy as np
 
 
-def _method(name: str):
+def _method(name: str, **defaults):
     from gadgets.classical import ClassicalOptions, SliceData, reconstruct_classical
     from tools.eval_data import sampled_lines
 
-    options = ClassicalOptions(**{k: float(v) for k, v in _env_options().items()})
+    options = ClassicalOptions(**defaults, **{k: float(v) for k, v in _env_options().items()})
 
     def method(image_kspace, mask, calibration_kspace):
         data = SliceData(np.asarray(image_kspace, np.complex64), np.asarray(mask, np.float32),
@@ -42,3 +42,8 @@ def grappa():
 
 def sense():
     return _method("sense")
+
+
+def sense_l1():
+    """The sense chain with `regulariser: l1` (Haar-wavelet l1, FISTA)."""
+    return _method("sense", sense_regulariser="l1")

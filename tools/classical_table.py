@@ -1,14 +1,16 @@
 """The classical chains against BART, from a `pisf evaluate` run with the chains' cores as methods:
 
     pisf evaluate --model none --method grappa=tools.classical_eval:grappa \
-                  --method sense=tools.classical_eval:sense --out runs/eval_classical
+                  --method sense=tools.classical_eval:sense \
+                  --method sense_l1=tools.classical_eval:sense_l1 --out runs/eval_classical
     python -m tools.classical_table runs/eval_classical
 
 Per case: zero-filled, BART SENSE-l2 tuned per case against the reference (the oracle of
 tools/bart_anchors.py), BART SENSE-l2 at one fixed setting for every case (`ecalib -m1 -c 0.9`,
 `pics -l2 -r 0.01`, 100 iterations: like the chains, no per-case tuning; from the anchors' disk
 cache, computed when missing), the sense and grappa chains' cores; PSNR / SSIM and seconds
-(BART: ecalib + pics, single-threaded; ours: the call). Writes OUT/classical_table.md.
+(BART: ecalib + pics, single-threaded; ours: the call); with a sense_l1 method also BART
+l1-ESPIRiT (tuned) against it. Writes OUT/classical_table.md.
 """
 from __future__ import annotations
 
@@ -44,11 +46,15 @@ def fixed_bart(rows: list[dict], data_dir: Path, cache: str) -> dict[tuple[str, 
 
 def table(results: dict, fixed: dict) -> str:
     rows = results["rows"]
+    l1 = any("sense_l1" in r["metrics"] for r in rows)
     head = ["dataset", "case", "R", "zero-filled", "BART l2 tuned", "BART l2 fixed", "sense", "sense - tuned",
             "sense - fixed", "grappa", "grappa - tuned", "seconds: BART tuned / fixed / sense / grappa"]
+    if l1:
+        head += ["BART l1 tuned", "sense_l1", "sense_l1 - l1 tuned", "seconds: BART l1 / sense_l1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     deltas = {"sense_tuned": [], "sense_fixed": [], "grappa_tuned": [], "grappa_fixed": []}
     speed = {"sense": [], "grappa": []}
+    l1_deltas, l1_speed = [], []
 
     def cell(m):
         return f"{m['psnr']:.2f} / {m['ssim']:.3f}"
@@ -65,10 +71,17 @@ def table(results: dict, fixed: dict) -> str:
             deltas[key].append(value)
         speed["sense"].append(s["sense"] / s["bart_sense_l2"])
         speed["grappa"].append(s["grappa"] / s["bart_sense_l2"])
-        lines.append(f"| {r['dataset']} | {r['case']} | {r['R_achieved']:.2f} | {cell(m['zero_filled'])} "
-                     f"| {cell(m['bart_sense_l2'])} | {cell(f['metrics'])} | {cell(m['sense'])} | {d_st:+.2f} "
-                     f"| {d_sf:+.2f} | {cell(m['grappa'])} | {d_gt:+.2f} "
-                     f"| {s['bart_sense_l2']:.2f} / {f['seconds']:.2f} / {s['sense']:.2f} / {s['grappa']:.2f} |")
+        line = (f"| {r['dataset']} | {r['case']} | {r['R_achieved']:.2f} | {cell(m['zero_filled'])} "
+                f"| {cell(m['bart_sense_l2'])} | {cell(f['metrics'])} | {cell(m['sense'])} | {d_st:+.2f} "
+                f"| {d_sf:+.2f} | {cell(m['grappa'])} | {d_gt:+.2f} "
+                f"| {s['bart_sense_l2']:.2f} / {f['seconds']:.2f} / {s['sense']:.2f} / {s['grappa']:.2f} |")
+        if l1 and "sense_l1" in m and "bart_l1_espirit" in m:
+            d_l1 = m["sense_l1"]["psnr"] - m["bart_l1_espirit"]["psnr"]
+            l1_deltas.append(d_l1)
+            l1_speed.append(s["sense_l1"] / s["bart_l1_espirit"])
+            line += (f" {cell(m['bart_l1_espirit'])} | {cell(m['sense_l1'])} | {d_l1:+.2f} "
+                     f"| {s['bart_l1_espirit']:.2f} / {s['sense_l1']:.2f} |")
+        lines.append(line)
     n = len(deltas["sense_tuned"])
     if n:
         lines += ["", f"{n} cases. PSNR difference (dB), mean / min / cases within 0.5 dB or better:", ""]
@@ -76,6 +89,12 @@ def table(results: dict, fixed: dict) -> str:
             values = np.asarray(values)
             lines.append(f"- {key.replace('_', ' vs BART l2 ')}: {values.mean():+.2f} / {values.min():+.2f} / "
                          f"{int(np.sum(values >= -0.5))} of {n}")
+        if l1_deltas:
+            values = np.asarray(l1_deltas)
+            lines.append(f"- sense_l1 vs BART l1-ESPIRiT tuned: {values.mean():+.2f} / {values.min():+.2f} / "
+                         f"{int(np.sum(values >= -0.5))} of {len(values)}")
+            lines.append(f"- sense_l1 time / BART l1 tuned time: median {np.median(l1_speed):.2f}, "
+                         f"max {np.max(l1_speed):.2f}")
         for method, ratios in speed.items():
             lines.append(f"- {method} time / BART l2 tuned (ecalib + pics) time: median {np.median(ratios):.2f}, "
                          f"max {np.max(ratios):.2f}")
