@@ -23,7 +23,7 @@ from .classical import (METHODS, SERIES, SliceData, acs_as_data_default, classic
 from .context import StreamContext
 from .finish import SERIES_META
 from .items import KSpaceSlice, Notice, ReconImage
-from .numerics.calibration import MIN_REFERENCE_LINES, compressed_maps, reference_run
+from .numerics.calibration import MIN_REFERENCE_LINES, reference_run
 from .numerics.coils import compress, root_sum_of_squares
 from .numerics.pisf_inference import PisfReconstructor
 from .numerics.quality import coil_residual, normalised_difference, sense_residual
@@ -154,14 +154,6 @@ def guard_reasons(data: SliceData, partitions: int, reconstructor: PisfReconstru
     return reasons
 
 
-def _takes_calibrated(reconstructor) -> bool:
-    import inspect
-    try:
-        return "calibrated" in inspect.signature(reconstructor.reconstruct_image).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class PisfRecon:
     """KSpaceSlice -> ReconImage with the PISF network (2D slices, 1D undersampling along ky).
 
@@ -262,29 +254,23 @@ class PisfRecon:
         with the data-consistency residual of its image on the measured lines."""
         recon = self.reconstructor
         kspace, mask = data.kspace, data.mask
-        block, lines, _ = data.reference()
+        _, lines, _ = data.reference()
         maps = None
         clock = time.perf_counter
         if recon.contract == "2":
             calibration = data.calibration if data.calibration is not None else kspace * mask[None, :, None]
             reference = (data.reference_lines if data.calibration is not None
                          else reference_run(mask > 0.5))
-            # the same compression and maps as the inference core (calibration.compressed_maps):
-            # the residual is measured in the model's own SENSE model. An inference core whose
-            # reconstruct_image takes them (`calibrated=(compression, maps)`) gets them, so
-            # ESPIRiT runs once per slice; otherwise it runs twice (once inside the core).
+            # ESPIRiT once per slice: the core's own calibration, handed back to it, and the
+            # residual measured in the model's own SENSE model
             t0 = clock()
-            maps = compressed_maps(block, kspace.shape[1:], recon.virtual_coils)
-            handed = _takes_calibrated(recon)
-            t1 = clock()
-            image = recon.reconstruct_image(kspace, mask, calibration, reference,
-                                            **({"calibrated": maps} if handed else {}))
+            maps = recon.calibrate(kspace, mask, calibration, reference)
+            image = recon.reconstruct_image(kspace, mask, calibration, reference, maps=maps)
             t2 = clock()
             measured = compress(kspace * mask[None, :, None], maps[0])
             residual = sense_residual(image, maps[1], measured, mask)
             magnitude = np.abs(image).astype(np.float32)
-            inference = (t2 - t0) if handed else (t2 - t1)
-            signals = (clock() - t2) + (0.0 if handed else t1 - t0)
+            inference, signals = t2 - t0, clock() - t2
         else:
             samples = None
             if data.calibration is not None:
