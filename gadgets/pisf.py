@@ -166,7 +166,7 @@ class PisfRecon:
     sense). Quality signals in the meta: PISF_DataConsistency (||M F(S x) - y|| / ||y|| on the
     measured lines) and, side by side, PISF_DiffToClassical (normalised difference)."""
 
-    def __init__(self, context: StreamContext, model: str = "pisf_fast.onnx",
+    def __init__(self, context: StreamContext, model: str = "pisf_sense.onnx",
                  providers: list[str] | tuple[str, ...] = DEFAULT_PROVIDERS, threads: int = 0,
                  max_rows_per_run: int = 0, acs_as_data: str | bool = "auto", io_binding: bool | str = "auto",
                  fp16: bool = False, fallback: str = "sense", side_by_side: str | None = None,
@@ -197,7 +197,7 @@ class PisfRecon:
         self.announced: set[str] = set()
 
     @staticmethod
-    def warm_up(model: str = "pisf_fast.onnx", providers=DEFAULT_PROVIDERS, threads: int = 0,
+    def warm_up(model: str = "pisf_sense.onnx", providers=DEFAULT_PROVIDERS, threads: int = 0,
                 max_rows_per_run: int = 0, io_binding: bool | str = "auto", fp16: bool = False,
                 **_ignored) -> None:
         shared_reconstructor(model, providers, threads, max_rows_per_run, io_binding, fp16)

@@ -214,7 +214,8 @@ def test_pisf_compare_chain_sends_two_series_with_signals(server, tmp_path):
     assert sorted(by_series) == [2, 3] and [len(v) for v in by_series.values()] == [2, 2]
     assert sorted(i.image_index for i in by_series[3]) == [1, 2]
     for image in by_series[2]:
-        assert image.meta["PISF_Method"] == "PISF" and float(image.meta["PISF_DataConsistency"]) < 1e-3
+        # the shipped scan-calibrated model keeps the measured lines up to noise (sim noise 0.01)
+        assert image.meta["PISF_Method"] == "PISF" and 0 < float(image.meta["PISF_DataConsistency"]) < 0.1
         assert 0 < float(image.meta["PISF_DiffToClassical"]) < 1
     assert all(i.meta["PISF_Method"] == "GRAPPA" for i in by_series[3])
     assert by_series[3][0].meta["PISF_ScaleFactor"] != by_series[2][0].meta["PISF_ScaleFactor"]

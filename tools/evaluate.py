@@ -34,7 +34,7 @@ from tools.eval_data import DATASETS, DEFAULT_DATA
 CENTRE_FRACTIONS = {4: 0.08, 6: 0.06, 8: 0.04}
 POISSON_LAMBDAS = (0.001, 0.003, 0.01, 0.03)
 POISSON2D = "brain_poisson2d"
-DEFAULT_MODEL = "models/pisf_fast.onnx"
+DEFAULT_MODEL = "models/pisf_sense.onnx"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
