@@ -69,12 +69,12 @@ def apply_dft(rows: torch.Tensor, matrix: torch.Tensor, coils: int) -> torch.Ten
 
 
 class ResidualUnit(nn.Module):
-    def __init__(self, features: int, kernel: int):
+    def __init__(self, features: int, kernel: int, dilation: int = 1):
         super().__init__()
-        pad = kernel // 2
-        self.conv1 = nn.Conv1d(features, features, kernel, padding=pad, bias=False)
+        pad = dilation * (kernel // 2)
+        self.conv1 = nn.Conv1d(features, features, kernel, padding=pad, dilation=dilation, bias=False)
         self.norm = nn.BatchNorm1d(features)
-        self.conv2 = nn.Conv1d(features, features, kernel, padding=pad, bias=False)
+        self.conv2 = nn.Conv1d(features, features, kernel, padding=pad, dilation=dilation, bias=False)
 
     def forward(self, h):
         return h + self.conv2(torch.relu(self.norm(self.conv1(h))))

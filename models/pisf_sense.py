@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from models.pisf_net import ResidualUnit, SoftThreshold, parameter_count  # noqa: F401  (the PISF block parts)
+
 
 @dataclass
 class SenseNetConfig:
@@ -133,33 +135,6 @@ def conjugate_gradient(n, rhs_re, rhs_im, x_re, x_im, mu, iterations: int):
 
 
 # ----------------------------------------------------------------------------- regulariser
-class ResidualUnit(nn.Module):
-    def __init__(self, features: int, kernel: int, dilation: int = 1):
-        super().__init__()
-        pad = dilation * (kernel // 2)
-        self.conv1 = nn.Conv1d(features, features, kernel, padding=pad, dilation=dilation, bias=False)
-        self.norm = nn.BatchNorm1d(features)
-        self.conv2 = nn.Conv1d(features, features, kernel, padding=pad, dilation=dilation, bias=False)
-
-    def forward(self, h):
-        return h + self.conv2(torch.relu(self.norm(self.conv1(h))))
-
-
-class SoftThreshold(nn.Module):
-    """sign(h) relu(|h| - t), t = m sigmoid(g(m)), m = mean |h| along y per channel."""
-
-    def __init__(self, features: int):
-        super().__init__()
-        self.gate = nn.Sequential(nn.Conv1d(features, features, 1), nn.BatchNorm1d(features),
-                                  nn.ReLU(), nn.Conv1d(features, features, 1))
-
-    def forward(self, h):
-        magnitude = h.abs()
-        mean = magnitude.mean(dim=-1, keepdim=True)
-        threshold = mean * torch.sigmoid(self.gate(mean))
-        return torch.sign(h) * torch.relu(magnitude - threshold)
-
-
 class Regulariser(nn.Module):
     """Inputs: current image (2 ch) and the two initial SENSE images (lightly and strongly
     regularised, 2 ch each: how much they differ tells the noise amplification); output: the
@@ -235,7 +210,3 @@ def build(variant_or_cfg) -> PisfSenseNet:
     else:
         cfg = variant_or_cfg
     return PisfSenseNet(SenseNetConfig(**asdict(cfg)))
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
