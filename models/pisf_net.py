@@ -156,11 +156,14 @@ def macs_per_pixel(cfg: PisfConfig, ny: int = 256) -> dict:
             "dft": cfg.blocks * dft, "total": total, "ny": ny}
 
 
-def build(variant_or_cfg: str | dict | PisfConfig) -> PisfNet:
+def resolve_config(variant_or_cfg, variants: dict, config_class):
+    """A fresh config from a variant name, a dict of fields or a config instance."""
     if isinstance(variant_or_cfg, str):
-        cfg = VARIANTS[variant_or_cfg]
-    elif isinstance(variant_or_cfg, dict):
-        cfg = PisfConfig(**variant_or_cfg)
-    else:
-        cfg = variant_or_cfg
-    return PisfNet(PisfConfig(**asdict(cfg)))
+        variant_or_cfg = variants[variant_or_cfg]
+    if isinstance(variant_or_cfg, dict):
+        return config_class(**variant_or_cfg)
+    return config_class(**asdict(variant_or_cfg))
+
+
+def build(variant_or_cfg: str | dict | PisfConfig) -> PisfNet:
+    return PisfNet(resolve_config(variant_or_cfg, VARIANTS, PisfConfig))

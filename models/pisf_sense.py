@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from models.pisf_net import ResidualUnit, SoftThreshold, parameter_count  # noqa: F401  (the PISF block parts)
+from models.pisf_net import ResidualUnit, SoftThreshold, parameter_count, resolve_config  # noqa: F401  (shared parts)
 
 
 @dataclass
@@ -202,11 +202,5 @@ class PisfSenseNet(nn.Module):
         return outputs if return_all else image
 
 
-def build(variant_or_cfg) -> PisfSenseNet:
-    if isinstance(variant_or_cfg, str):
-        cfg = VARIANTS[variant_or_cfg]
-    elif isinstance(variant_or_cfg, dict):
-        cfg = SenseNetConfig(**variant_or_cfg)
-    else:
-        cfg = variant_or_cfg
-    return PisfSenseNet(SenseNetConfig(**asdict(cfg)))
+def build(variant_or_cfg: str | dict | SenseNetConfig) -> PisfSenseNet:
+    return PisfSenseNet(resolve_config(variant_or_cfg, VARIANTS, SenseNetConfig))
