@@ -35,23 +35,27 @@ VARIANTS = {
 }
 
 
-def centred_dft_matrices(ny: torch.Tensor | int, dtype=torch.float32, device=None):
-    """Real block matrices (forward, inverse) of the centred orthonormal DFT of length ny.
-
-    For rows laid out as [..., re(ny) | im(ny)] (last axis 2ny), `rows @ M` applies the
-    complex transform. Exponents are reduced modulo ny in integers so float32 stays exact
-    for long rows. Works with a traced ny (ONNX Shape -> Range -> Mod -> Cos/Sin).
-    """
-    index = torch.arange(ny, device=device)
-    # ny as tensors derived from `index`, so a traced export keeps it dynamic (not a constant)
+def centred_dft_parts(index: torch.Tensor, dtype=torch.float32):
+    """(cos, sin) [ny, ny] of the centred orthonormal DFT W = cos - i sin of length ny, from
+    index = arange(ny). Symmetric. Exponents are reduced modulo ny in integers so float32 stays
+    exact for long rows; ny is derived from `index`, so a traced export keeps it dynamic (ONNX
+    Shape -> Range -> Mod -> Cos/Sin), not a constant."""
     count = index[-1:] + 1
     count_float = count.to(dtype)
     shifted = index - torch.div(count, 2, rounding_mode="floor")
     exponent = torch.remainder(shifted[:, None] * shifted[None, :], count)
     angle = exponent.to(dtype) * (2.0 * torch.pi) / count_float
     norm = torch.rsqrt(count_float)
-    cos = torch.cos(angle) * norm   # symmetric: W[k, n] = exp(-i angle) / sqrt(ny)
-    sin = torch.sin(angle) * norm
+    return torch.cos(angle) * norm, torch.sin(angle) * norm
+
+
+def centred_dft_matrices(ny: torch.Tensor | int, dtype=torch.float32, device=None):
+    """Real block matrices (forward, inverse) of the centred orthonormal DFT of length ny.
+
+    For rows laid out as [..., re(ny) | im(ny)] (last axis 2ny), `rows @ M` applies the
+    complex transform.
+    """
+    cos, sin = centred_dft_parts(torch.arange(ny, device=device), dtype)
     # y = x W^T with W = cos - i sin (forward); inverse uses cos + i sin. Symmetric, so W^T = W.
     # [yr | yi] = [xr | xi] @ [[Wr, Wi], [-Wi, Wr]] for W = Wr + i Wi.
     forward = torch.cat([torch.cat([cos, -sin], 1), torch.cat([sin, cos], 1)], 0)

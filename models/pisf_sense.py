@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from models.pisf_net import ResidualUnit, SoftThreshold, parameter_count, resolve_config  # noqa: F401  (shared parts)
+from models.pisf_net import (ResidualUnit, SoftThreshold, centred_dft_parts,  # noqa: F401  (shared parts)
+                             parameter_count, resolve_config)
 
 
 @dataclass
@@ -60,17 +61,6 @@ def split(t: torch.Tensor):
     (the reshape keeps the coil count dynamic in the exported graph)."""
     pairs = t.reshape(t.shape[0], 2, -1, t.shape[-1])
     return pairs[:, 0], pairs[:, 1]
-
-
-def centred_dft_parts(ny_index: torch.Tensor, dtype):
-    """cos/sin parts of the centred orthonormal DFT W = (cos - i sin) of length ny (symmetric).
-    Exponents are reduced modulo ny in integers so float32 stays exact for long rows."""
-    count = ny_index[-1:] + 1
-    shifted = ny_index - torch.div(count, 2, rounding_mode="floor")
-    exponent = torch.remainder(shifted[:, None] * shifted[None, :], count)
-    angle = exponent.to(dtype) * (2.0 * math.pi) / count.to(dtype)
-    norm = torch.rsqrt(count.to(dtype))
-    return torch.cos(angle) * norm, torch.sin(angle) * norm
 
 
 def inverse_dft(re, im, cos, sin):
