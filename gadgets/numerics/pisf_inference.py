@@ -31,17 +31,9 @@ def calibration_lines(mask: np.ndarray) -> np.ndarray:
     """Boolean [ny]: the contiguous sampled run through the centre (the ACS block) when it has at
     least MIN_ACS_LINES lines, otherwise every sampled line (CONTRACT.md: ACS if present)."""
     sampled = np.asarray(mask) > 0.5
-    ny, centre = sampled.shape[0], sampled.shape[0] // 2
-    if not sampled[centre]:
+    if not sampled[sampled.shape[0] // 2]:
         return sampled
-    lo = centre
-    while lo > 0 and sampled[lo - 1]:
-        lo -= 1
-    hi = centre
-    while hi < ny - 1 and sampled[hi + 1]:
-        hi += 1
-    run = np.zeros(ny, dtype=bool)
-    run[lo:hi + 1] = True
+    run = reference_run(sampled)                  # the run through the centre
     return run if run.sum() >= MIN_ACS_LINES else sampled
 
 
