@@ -468,7 +468,8 @@ class Synthesizer:
 
     def batch(self, ny: int | None = None, slices: int | None = None, snr=None, mask_kind=None,
               acceleration=None, acs=None, partial_fourier=None, n_coils=None,
-              slab_max_jitter: bool = True) -> dict:
+              slab_max_jitter: bool = True, virtual_coils: int | None = None) -> dict:
+        """virtual_coils: compress to this many coils instead of cfg.coils."""
         cfg = self.cfg
         if ny is None:
             ny = int(torch.randint(cfg.ny_range[0], cfg.ny_range[1] + 1, (1,), generator=self.gen))
@@ -516,7 +517,7 @@ class Synthesizer:
             lo, hi = cfg.slab_max_fraction
             factor = 1.0 / (lo + (hi - lo) * self._rand(b))
         inputs, row_mask, target, scale, matrix = preprocess(
-            noisy, mask, coil_count, cfg.coils, clean_hybrid=clean, scale_factor=factor)
+            noisy, mask, coil_count, virtual_coils or cfg.coils, clean_hybrid=clean, scale_factor=factor)
         return {"inputs": inputs, "mask": row_mask, "target": target, "scale": scale,
                 "slice_mask": mask, "mask_info": mask_info, "n_coils": coil_count,
                 "snr": snr_value, "sigma": sigma, "noisy_hybrid": noisy, "clean_hybrid": clean,
@@ -559,12 +560,8 @@ def sense_batch(synth: "Synthesizer", separate_reference_prob: float = 0.3,
     A fraction of slices get pure equispaced masks (separate reference lines, not image data).
     """
     # the runtime compresses to up to 16 virtual coils; vary the count the network sees
-    virtual_coils = synth.cfg.coils
-    synth.cfg.coils = int(virtual_coil_choices[int(torch.randint(len(virtual_coil_choices), (1,), generator=synth.gen))])
-    try:
-        raw = synth.batch(**kwargs)
-    finally:
-        synth.cfg.coils = virtual_coils
+    virtual_coils = int(virtual_coil_choices[int(torch.randint(len(virtual_coil_choices), (1,), generator=synth.gen))])
+    raw = synth.batch(virtual_coils=virtual_coils, **kwargs)
     dev, gen = synth.device, synth.gen
     b, ny, rows = raw["slice_mask"].shape[0], raw["ny"], raw["rows_per_slice"]
     mask = raw["slice_mask"].clone()
