@@ -10,20 +10,27 @@ y_c = M F (s_c * x), SENSE is separable across rows, so every row is a small ny-
                                         G[i, j] = sum_c conj(s_c[i]) s_c[j]
     right side     b = A^H y = sum_c conj(s_c) F^H y_c
 
-The graph builds N and b (any coil count C, any ny), starts from two Tikhonov-regularised SENSE
+The network builds b and the normal operator (any coil count C, any ny), starts from two
+Tikhonov-regularised SENSE
 solutions (conjugate gradients; light and strong weight, both seen by every block), then runs
 unrolled blocks: a learned 1D regulariser (the PISF
 block: convs along y, residual units, learned soft threshold) proposes z, and the data
 consistency solves (N + mu I) x = b + mu z by a few CG steps (mu learned per block). The image
 is one complex channel pair (real, imag), so the network does not depend on the coil count.
 
-All complex algebra is real arithmetic (ONNX has no complex tensors); CG loops are unrolled with
-a fixed iteration count, so the exported graph is a plain feed-forward graph.
+Two forms of the same normal operator (PisfSenseNet.normal_form):
+- "fft" (PISF v3, training and contract 3): N x = sum_c conj(s_c) iFFTc(m FFTc(s_c x)) with
+  torch.fft, O(C ny log ny) per row; the runtime does the same in numpy
+  (gadgets/numerics/sense_rows.py) and the ONNX file holds only the regularisers (models/pisf_v3.py).
+- "dense" (PISF v2, contract 2 export and tests): the per-row matrices P o G above as real
+  arithmetic (ONNX has no complex tensors), O(ny^2) per row, built inside the graph.
+CG loops are unrolled with a fixed iteration count in both.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -105,14 +112,20 @@ def apply_normal(n, x_re, x_im, mu):
 
 
 def conjugate_gradient(n, rhs_re, rhs_im, x_re, x_im, mu, iterations: int):
-    """Unrolled CG on (N + mu I) x = rhs per row (Hermitian positive definite for mu > 0)."""
+    """Unrolled CG on (N + mu I) x = rhs per row with the dense N of `normal_system`."""
+    return unrolled_cg(lambda p_re, p_im: apply_normal(n, p_re, p_im, mu), rhs_re, rhs_im, x_re, x_im, iterations)
+
+
+def unrolled_cg(apply, rhs_re, rhs_im, x_re, x_im, iterations: int):
+    """Unrolled CG on A x = rhs per row, A Hermitian positive definite given as
+    apply(x_re, x_im) -> (re, im) on [N, ny]; x starts at (x_re, x_im)."""
     eps = 1e-12
-    ar, ai = apply_normal(n, x_re, x_im, mu)
+    ar, ai = apply(x_re, x_im)
     r_re, r_im = rhs_re - ar, rhs_im - ai
     p_re, p_im = r_re, r_im
     rs = (r_re * r_re + r_im * r_im).sum(-1, keepdim=True)
     for _ in range(iterations):
-        ap_re, ap_im = apply_normal(n, p_re, p_im, mu)
+        ap_re, ap_im = apply(p_re, p_im)
         curvature = (p_re * ap_re + p_im * ap_im).sum(-1, keepdim=True)
         alpha = rs / (curvature + eps)
         x_re, x_im = x_re + alpha * p_re, x_im + alpha * p_im
@@ -122,6 +135,43 @@ def conjugate_gradient(n, rhs_re, rhs_im, x_re, x_im, mu, iterations: int):
         p_re, p_im = r_re + beta * p_re, r_im + beta * p_im
         rs = rs_new
     return x_re, x_im
+
+
+class FftNormal:
+    """The SENSE normal operator of rows through FFTs along ky (no ny x ny matrices):
+
+        N x = sum_c conj(s_c) iFFTc(m FFTc(s_c x)),   b = sum_c conj(s_c) iFFTc(m y_c)
+
+    iFFTc(m FFTc(u)) = fftshift(ifft(m' fft(ifftshift(u)))) with m' = ifftshift(m), and the
+    shift commutes with the coil sum, so maps and mask are shifted once and every application
+    shifts only x and the result. ifft(fft(.)) with numpy/torch default norms is the orthonormal
+    pair. Same operator as `normal_system` (tests/test_pisf_v3.py)."""
+
+    def __init__(self, kspace: torch.Tensor, mask: torch.Tensor, sens: torch.Tensor):
+        s_re, s_im = split(sens)
+        y_re, y_im = split(kspace * mask)
+        self.maps = torch.fft.ifftshift(torch.complex(s_re, s_im), dim=-1)       # [N, C, ny]
+        self.mask = torch.fft.ifftshift(mask, dim=-1)                            # [N, 1, ny]
+        shifted = torch.fft.ifftshift(torch.complex(y_re, y_im), dim=-1)
+        rhs = torch.fft.fftshift((self.maps.conj() * torch.fft.ifft(shifted, dim=-1, norm="ortho")).sum(1), dim=-1)
+        self.rhs = rhs.real, rhs.imag
+
+    def apply(self, x_re, x_im, shift):
+        """(N + shift I) x for rows [N, ny]; shift [N, 1] or a scalar."""
+        x = torch.fft.ifftshift(torch.complex(x_re, x_im), dim=-1)[:, None]
+        coil = torch.fft.ifft(self.mask * torch.fft.fft(self.maps * x, dim=-1), dim=-1)
+        out = torch.fft.fftshift((self.maps.conj() * coil).sum(1), dim=-1)
+        return out.real + shift * x_re, out.imag + shift * x_im
+
+
+class DenseNormal:
+    """The same operator as per-row matrices N = P o G (PISF v2's graph; ONNX-exportable)."""
+
+    def __init__(self, kspace: torch.Tensor, mask: torch.Tensor, sens: torch.Tensor):
+        self.matrix, self.rhs = normal_system(kspace, mask, sens)
+
+    def apply(self, x_re, x_im, shift):
+        return apply_normal(self.matrix, x_re, x_im, shift)
 
 
 # ----------------------------------------------------------------------------- regulariser
@@ -167,15 +217,23 @@ class PisfSenseNet(nn.Module):
         self.smooth_lambda = nn.Parameter(torch.tensor(inverse_softplus(self.cfg.smooth_lambda)))
         self.block_mu = nn.Parameter(torch.full((self.cfg.blocks,), inverse_softplus(self.cfg.block_mu)))
 
+    # "fft" (training, contract 3) or "dense" (contract 2 export: the ONNX graph holds N);
+    # the same function up to float error. Not saved in checkpoints.
+    normal_form: str = "fft"
+
     def forward(self, kspace, mask, sens, return_all: bool = False):
         """kspace, sens [rows, 2C, ny]; mask [rows, 1, ny] -> image [rows, 2, ny] (re, im)."""
-        n, (b_re, b_im) = normal_system(kspace, mask, sens)
+        # an ONNX export of the whole network is contract 2, whose graph holds N (ONNX's DFT op is
+        # slow on onnxruntime's CPU provider and missing on CUDA)
+        dense = self.normal_form == "dense" or torch.onnx.is_in_onnx_export()
+        system = (DenseNormal if dense else FftNormal)(kspace, mask, sens)
+        b_re, b_im = system.rhs
         scale = mean_diagonal(mask, sens)
         zeros = torch.zeros_like(b_re)
         starts = []
         for weight in (self.init_lambda, self.smooth_lambda):
             lam = nn.functional.softplus(weight) * scale
-            x_re, x_im = conjugate_gradient(n, b_re, b_im, zeros, zeros, lam, self.cfg.init_cg)
+            x_re, x_im = unrolled_cg(partial(system.apply, shift=lam), b_re, b_im, zeros, zeros, self.cfg.init_cg)
             starts.append(torch.stack([x_re, x_im], 1))
         image = starts[0]
         initial = torch.cat(starts, 1)
@@ -185,8 +243,8 @@ class PisfSenseNet(nn.Module):
             proposal = block(image, initial)
             mu = mus[k] * scale
             z_re, z_im = proposal[:, 0], proposal[:, 1]
-            x_re, x_im = conjugate_gradient(n, b_re + mu * z_re, b_im + mu * z_im, z_re, z_im, mu,
-                                            self.cfg.block_cg)
+            x_re, x_im = unrolled_cg(partial(system.apply, shift=mu),
+                                     b_re + mu * z_re, b_im + mu * z_im, z_re, z_im, self.cfg.block_cg)
             image = torch.stack([x_re, x_im], 1)
             outputs.append(image)
         return outputs if return_all else image
