@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from tools.bench import markdown, percentiles, run_bench, trend
+from tools.bench.server import markdown, percentiles, run_bench, trend
 
 
 def test_percentiles_and_trend():

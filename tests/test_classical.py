@@ -13,8 +13,8 @@ from gadgets.numerics.grappa import grappa_fill, source_offsets
 from gadgets.numerics.quality import normalised_difference
 from gadgets.wire.client import replay
 from tests.test_calibration import centre_lines, synthetic_scan
-from tools.metrics import psnr, scale_match
-from tools.simulate import simulate
+from tools.evaluation.metrics import psnr, scale_match
+from tools.rawdata.simulate import simulate
 
 
 def rss(kspace):

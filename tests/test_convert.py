@@ -23,11 +23,11 @@ import pytest
 from conftest import REPO, SHARED_DATA, shipped_chain_text
 from gadgets.numerics.fft import fftc, ifftc
 from gadgets.wire.client import read_raw, replay
-from tools.cfl import write_cfl
+from tools.rawdata.cfl import write_cfl
 from tools.cli import main as pisf
-from tools.convert import Undersampling, convert, ky_mask
-from tools.groundtruth import read_groundtruth
-from tools.metrics import psnr, scale_match
+from tools.rawdata.convert import Undersampling, convert, ky_mask
+from tools.rawdata.groundtruth import read_groundtruth
+from tools.evaluation.metrics import psnr, scale_match
 
 TWIX = SHARED_DATA / "siemens_cimax_phantom_16ch_twix.dat"
 BRAIN_CFL = SHARED_DATA / "brain_8coil_poisson_ksp.cfl"

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools import eval_data
-from tools.eval_data import (SEPARATE_REFERENCE_LINES, Dataset, centre_lines, make_cases,
+from tools.evaluation import datasets as eval_data
+from tools.evaluation.datasets import (SEPARATE_REFERENCE_LINES, Dataset, centre_lines, make_cases,
                              reference_from_kspace, sampled_lines, undersample)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -105,7 +105,7 @@ def test_undersample_never_leaks_reference_lines():
 
 # ----------------------------------------------------------------------------- harness
 def test_harness_passes_methods_what_a_scanner_sends(tmp_path):
-    from tools.eval_harness import ZERO_FILLED, run_evaluation
+    from tools.evaluation.harness import ZERO_FILLED, run_evaluation
     dataset = synthetic_dataset()
     seen = []
 
@@ -132,9 +132,9 @@ def test_harness_passes_methods_what_a_scanner_sends(tmp_path):
 
 # ----------------------------------------------------------------------------- BART
 def test_tuned_bart_sense_beats_zero_filled(tmp_path):
-    from tools.bart_anchors import bart_anchors, bart_available
-    from tools.eval_harness import zero_filled
-    from tools.metrics import psnr, scale_match
+    from tools.evaluation.bart import bart_anchors, bart_available
+    from tools.evaluation.harness import zero_filled
+    from tools.evaluation.metrics import psnr, scale_match
     if not bart_available():
         pytest.skip("bart not installed")
     dataset = synthetic_dataset()
@@ -155,7 +155,7 @@ def test_tuned_bart_sense_beats_zero_filled(tmp_path):
 
 
 def test_bart_lambdas_live_on_a_quarter_decade_grid():
-    from tools.bart_anchors import LAMBDAS_COARSE, LAMBDA_RANGE, _canonical
+    from tools.evaluation.bart import LAMBDAS_COARSE, LAMBDA_RANGE, _canonical
     assert _canonical(1e-3 / 10 ** 0.5 / 10 ** 0.5) == _canonical(1e-4) == 1e-4
     assert _canonical(3e-2) == 0.0316 and _canonical(1e-3 * 10 ** 0.25) == 0.00178
     for reg, grid in LAMBDAS_COARSE.items():
@@ -163,7 +163,7 @@ def test_bart_lambdas_live_on_a_quarter_decade_grid():
 
 
 def test_cfl_round_trip(tmp_path):
-    from tools.cfl import read_cfl, write_cfl
+    from tools.rawdata.cfl import read_cfl, write_cfl
     array = (np.arange(24).reshape(2, 3, 4) + 1j).astype(np.complex64)
     write_cfl(tmp_path / "x", array)
     assert np.array_equal(read_cfl(tmp_path / "x"), array)
@@ -203,7 +203,7 @@ def test_missing_dataset_is_skipped_with_a_reason(tmp_path):
 
 def zero_filled_factory():
     """A --method factory for the CLI test."""
-    from tools.eval_harness import zero_filled
+    from tools.evaluation.harness import zero_filled
     return zero_filled
 
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gadgets.wire import protocol
-from tools import fuzz
+from tools.session import fuzz
 
 pytestmark = pytest.mark.timeout(120)
 ALLOWED = (protocol.ProtocolError, protocol.PeerClosed)
@@ -110,7 +110,7 @@ def test_short_fuzz_run_over_the_reader_and_loopback():
 def test_fuzz_is_a_pisf_subcommand():
     from tools.cli import SUBCOMMANDS, build_parser
 
-    assert SUBCOMMANDS["fuzz"][0] == "tools.fuzz"
+    assert SUBCOMMANDS["fuzz"][0] == "tools.session.fuzz"
     args = build_parser("fuzz").parse_args(["fuzz", "--frames", "10", "--seed", "3"])
     assert args.frames == 10 and args.seed == 3
 

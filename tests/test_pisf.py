@@ -14,7 +14,7 @@ from gadgets.numerics.coils import coil_compression_matrix, compress, normalisat
 from gadgets.numerics.fft import fftc, ifftc  # noqa: E402
 from gadgets.numerics.pisf_inference import calibration_lines, zero_filled  # noqa: E402
 from models.pisf_net import PisfConfig, PisfNet, macs_per_pixel, parameter_count  # noqa: E402
-from tools import synth  # noqa: E402
+from tools.training import synth  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO / "models" / "pisf_fast.onnx"
@@ -171,7 +171,7 @@ def test_a_few_training_steps_lower_the_loss():
 def test_onnx_export_parity(tmp_path):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from tools.export import export_model, parity
+    from tools.training.export import export_model, parity
     model = _randomised(PisfNet(PisfConfig(blocks=2, features=8, res_units=1)))
     path = export_model(model, tmp_path / "tiny.onnx", {"coils": 8, "pisf_variant": "tiny",
                                                          "training_steps": 0, "contract": "1"})
@@ -184,8 +184,8 @@ def test_onnx_export_parity(tmp_path):
 
 
 def test_runtime_modules_do_not_import_torch():
-    code = ("import sys; import gadgets.numerics.pisf_inference, tools.train, tools.export, "
-            "tools.evaluate, tools.metrics; assert 'torch' not in sys.modules, 'torch imported'")
+    code = ("import sys; import gadgets.numerics.pisf_inference, tools.training.train, tools.training.export, "
+            "tools.evaluation.evaluate, tools.evaluation.metrics; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
@@ -193,7 +193,7 @@ def test_runtime_modules_do_not_import_torch():
 @pytest.mark.skipif(not SHIPPED_MODEL.exists(), reason="models/pisf_fast.onnx not shipped")
 def test_shipped_model_beats_zero_filling_on_a_simulated_slice():
     from gadgets.numerics.pisf_inference import PisfReconstructor
-    from tools.metrics import psnr, scale_match
+    from tools.evaluation.metrics import psnr, scale_match
     recon = PisfReconstructor(SHIPPED_MODEL, threads=1)
     gains = []
     for seed in (11, 12, 13):   # whole 128x128 slices: rows span the FOV, 12 physical coils

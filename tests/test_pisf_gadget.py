@@ -8,8 +8,8 @@ from gadgets import pisf as pisf_gadget
 from gadgets.context import StreamContext
 from gadgets.numerics.pisf_inference import PisfReconstructor
 from gadgets.wire.client import replay
-from tools.metrics import psnr, scale_match
-from tools.simulate import simulate
+from tools.evaluation.metrics import psnr, scale_match
+from tools.rawdata.simulate import simulate
 
 SHIPPED = pisf_gadget.MODELS_DIR / "pisf_fast.onnx"
 pytestmark = pytest.mark.skipif(not SHIPPED.is_file(), reason="models/pisf_fast.onnx not shipped")

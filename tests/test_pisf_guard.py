@@ -18,7 +18,7 @@ from gadgets.numerics.sense import sense_tikhonov
 from gadgets.wire.client import replay
 from tests.test_calibration import centre_lines, synthetic_scan
 from tests.test_classical import slice_item
-from tools.simulate import simulate
+from tools.rawdata.simulate import simulate
 
 RANGES = {"contract": "2", "coils": "8", "trained_ny_min": "32", "trained_ny_max": "256",
           "trained_acceleration_min": "2.0", "trained_acceleration_max": "9.0"}

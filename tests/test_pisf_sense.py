@@ -10,8 +10,8 @@ pytest.importorskip("onnx")
 from gadgets.numerics.fft import fftc, ifftc  # noqa: E402
 from gadgets.numerics.pisf_inference import ModelContractError, PisfReconstructor  # noqa: E402
 from models.pisf_sense import SenseNetConfig, build, conjugate_gradient, mean_diagonal, normal_system  # noqa: E402
-from tools import synth  # noqa: E402
-from tools.export import Signature, export_model, parity  # noqa: E402
+from tools.training import synth  # noqa: E402
+from tools.training.export import Signature, export_model, parity  # noqa: E402
 
 
 def as_rows(array: np.ndarray) -> torch.Tensor:

@@ -9,9 +9,9 @@ from conftest import REPO, SHARED_DATA, shipped_chain_text
 from gadgets.numerics.fft import ifftc
 from gadgets.numerics.pisf_inference import PisfReconstructor
 from gadgets.wire.client import replay
-from tools.eval_data import load_brain16, load_phantom, make_cases, undersample
-from tools.kspace_stream import acquisitions_from_kspace
-from tools.metrics import psnr, scale_match
+from tools.evaluation.datasets import load_brain16, load_phantom, make_cases, undersample
+from tools.rawdata.kspace_stream import acquisitions_from_kspace
+from tools.evaluation.metrics import psnr, scale_match
 
 SHIPPED = REPO / "models" / "pisf_sense.onnx"
 LOADERS = {"phantom": (load_phantom, "phantom_8coil_full.mat"),

@@ -8,9 +8,9 @@ from gadgets.numerics.coils import root_sum_of_squares
 from gadgets.numerics.pisf_inference import PisfReconstructor, kspace_from_coil_images
 from gadgets.wire.client import replay
 from conftest import REPO, SHARED_DATA, shipped_chain_text
-from tools.evaluate import CENTRE_FRACTIONS, fastmri_mask, load_phantom
-from tools.kspace_stream import acquisitions_from_kspace
-from tools.metrics import psnr, scale_match
+from tools.evaluation.evaluate import CENTRE_FRACTIONS, fastmri_mask, load_phantom
+from tools.rawdata.kspace_stream import acquisitions_from_kspace
+from tools.evaluation.metrics import psnr, scale_match
 
 SHIPPED = REPO / "models" / "pisf_fast.onnx"
 

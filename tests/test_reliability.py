@@ -538,7 +538,7 @@ def test_tls_is_off_by_default():
 
 def test_eight_concurrent_scans_match_one_by_one(server, tmp_path):
     from gadgets.wire.client import read_raw
-    from tools.simulate import simulate
+    from tools.rawdata.simulate import simulate
 
     scans = []
     for k in range(8):

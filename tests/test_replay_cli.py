@@ -17,7 +17,7 @@ from PIL import Image
 from gadgets.wire import protocol
 from gadgets.wire.client import expected_images, plan_image_arrays, read_raw, replay
 from tools import cli
-from tools.simulate import simulate
+from tools.rawdata.simulate import simulate
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -153,12 +153,12 @@ def test_simulate_out_is_a_directory(capsys, tmp_path):
 
 
 def test_unexpected_failures_are_one_line_too(capsys, monkeypatch, small_raw):
-    import tools.replay
+    import tools.session.replay
 
     def boom(args):
         raise RuntimeError("something nobody foresaw")
 
-    monkeypatch.setattr(tools.replay, "run", boom)
+    monkeypatch.setattr(tools.session.replay, "run", boom)
     monkeypatch.delenv("PISF_TRACEBACK", raising=False)
     code, _, err = run_cli(capsys, "replay", small_raw)
     assert_one_line_error(code, err, "pisf replay: error: RuntimeError: something nobody foresaw", "PISF_TRACEBACK=1")
@@ -321,6 +321,6 @@ def test_runtime_never_imports_matplotlib():
     code = ("import pkgutil, sys, importlib, gadgets\n"
             "for m in pkgutil.walk_packages(gadgets.__path__, 'gadgets.'):\n"
             "    importlib.import_module(m.name)\n"
-            "import tools.replay\n"
+            "import tools.session.replay\n"
             "assert 'matplotlib' not in sys.modules, 'matplotlib imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

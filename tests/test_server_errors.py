@@ -18,7 +18,7 @@ import pytest
 
 from gadgets.wire import protocol
 from gadgets.wire.client import read_raw, replay
-from tools.kspace_stream import cartesian_line, header_for
+from tools.rawdata.kspace_stream import cartesian_line, header_for
 
 pytestmark = pytest.mark.timeout(60)
 

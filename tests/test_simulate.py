@@ -1,4 +1,4 @@
-"""Tests for tools/simulate.py: file structure, flags, noise statistics and exact ground truth."""
+"""Tests for tools/rawdata/simulate.py: file structure, flags, noise statistics and exact ground truth."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import ismrmrd.xsd
 import numpy as np
 import pytest
 
-from tools import simulate as sim
+from tools.rawdata import simulate as sim
 
 MATRIX = 64
 OS = 2
@@ -285,13 +285,13 @@ def test_cli_arguments_and_run(tmp_path, capsys):
 def test_module_imports_no_torch():
     import subprocess
     import sys
-    code = "import sys, tools.simulate; sys.exit('torch' in sys.modules)"
+    code = "import sys, tools.rawdata.simulate; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_ground_truth_lives_inside_the_raw_group(tmp_path):
     """One top-level group only: FIRE's client.py refuses files with several without -g."""
-    from tools.groundtruth import read_groundtruth
+    from tools.rawdata.groundtruth import read_groundtruth
 
     path = tmp_path / "one_group.h5"
     result = sim.simulate(path, matrix=32, coils=2, accel=2, acs=8, noise=0.0)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from gadgets.wire.client import replay
-from tools.metrics import psnr, scale_match
-from tools.simulate import simulate
+from tools.evaluation.metrics import psnr, scale_match
+from tools.rawdata.simulate import simulate
 
 
 def images_by_key(result):

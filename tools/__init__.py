@@ -1,1 +1,2 @@
-"""Offline tooling (simulate, train, export, evaluate, bench) and the `pisf` command line."""
+"""Offline tooling around the server, in wings along the data path: rawdata/ (raw data in),
+training/, evaluation/, session/ (replay/demo/report), bench/; `cli.py` is the `pisf` command line."""

@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 EMBEDDED_ACCELERATIONS = (3, 4, 5, 6, 8)
 SEPARATE_ACCELERATIONS = (2, 3, 4)

@@ -1,7 +1,7 @@
 """The classical chains' reconstruction core as `pisf evaluate` methods.
 
-    pisf evaluate --model none --method grappa=tools.classical_eval:grappa \
-                  --method sense=tools.classical_eval:sense --method sense_l1=tools.classical_eval:sense_l1
+    pisf evaluate --model none --method grappa=tools.evaluation.classical:grappa \
+                  --method sense=tools.evaluation.classical:sense --method sense_l1=tools.evaluation.classical:sense_l1
 
 Each factory returns method(image_kspace, mask, calibration_kspace) -> magnitude image, calling
 exactly what the `grappa` / `sense` chain stages call (gadgets.classical.reconstruct_classical)
@@ -17,7 +17,7 @@ import numpy as np
 
 def _method(name: str, **defaults):
     from gadgets.classical import ClassicalOptions, SliceData, reconstruct_classical
-    from tools.eval_data import sampled_lines
+    from tools.evaluation.datasets import sampled_lines
 
     options = ClassicalOptions(**defaults, **{k: float(v) for k, v in _env_options().items()})
 

@@ -1,12 +1,12 @@
 """`pisf evaluate`: PISF models vs zero-filled vs tuned BART on the real data in ../shared/data.
 
-Every real dataset that allows 1D masks (tools/eval_data.py: phantom, brain16, cimax) with
+Every real dataset that allows 1D masks (tools/evaluation/datasets.py: phantom, brain16, cimax) with
 every case (equispaced and random R 3/4/5/6/8 with an embedded centre; equispaced R 2/3/4 with
 24 separate reference lines that are calibration only) through zero-filled, BART SENSE
 (`pics -l2`) and BART l1-ESPIRiT (`pics -l1`), both tuned per case by PSNR against the
-reference (an oracle that favours BART; tools/bart_anchors.py), and every method: each
+reference (an oracle that favours BART; tools/evaluation/bart.py), and every method: each
 `--model` (ONNX, through PisfReconstructor with the reference lines as calibration) and each
-`--method NAME=package.module:factory`. The harness is tools/eval_harness.py; from Python,
+`--method NAME=package.module:factory`. The harness is tools/evaluation/harness.py; from Python,
 `run_evaluation(datasets, {name: method}, out)`.
 
 Optional, `--datasets brain_poisson2d`: the already 2D-Poisson-undersampled brain through the
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.bart_anchors import bart_available
-from tools.cfl import read_cfl, write_cfl  # noqa: F401  (re-exported: tools.bench uses write_cfl)
-from tools.eval_data import DATASETS, DEFAULT_DATA
+from tools.evaluation.bart import bart_available
+from tools.rawdata.cfl import read_cfl, write_cfl  # noqa: F401  (re-exported: tools.bench.server uses write_cfl)
+from tools.evaluation.datasets import DATASETS, DEFAULT_DATA
 
 CENTRE_FRACTIONS = {4: 0.08, 6: 0.06, 8: 0.04}
 POISSON_LAMBDAS = (0.001, 0.003, 0.01, 0.03)
@@ -81,7 +81,7 @@ def fastmri_mask(n: int, acceleration: int, centre_fraction: float, kind: str,
 
 
 def load_phantom(data_dir: Path) -> np.ndarray:
-    """Coil images [8, 256, 256] of phantom_8coil_full.mat (tools.eval_data.load_phantom gives
+    """Coil images [8, 256, 256] of phantom_8coil_full.mat (tools.evaluation.datasets.load_phantom gives
     the normalised k-space and reference)."""
     import h5py
     with h5py.File(Path(data_dir) / "phantom_8coil_full.mat", "r") as f:
@@ -102,7 +102,7 @@ def load_brain_poisson(data_dir: Path):
 def bart_l1_lambda_grid(kspace: np.ndarray, calibration_size: int, lambdas, reference: np.ndarray) -> dict:
     """l1-ESPIRiT (ecalib -m1 -r N -k 4 -c 0.9; pics -S -l1 -r lambda) of K[coils, ny, nx], best
     PSNR over `lambdas` (oracle)."""
-    from tools.metrics import psnr, scale_match
+    from tools.evaluation.metrics import psnr, scale_match
     env = dict(os.environ, OMP_NUM_THREADS="1")
     results = {}
     with tempfile.TemporaryDirectory(prefix="pisf_bart_") as tmp:
@@ -127,8 +127,8 @@ def bart_l1_lambda_grid(kspace: np.ndarray, calibration_size: int, lambdas, refe
 def evaluate_poisson2d(data_dir: Path, models: dict, use_bart: bool, log=print) -> list[dict]:
     """The 2D-Poisson brain row (previous code path), in the harness's row format."""
     from gadgets.numerics.pisf_inference import zero_filled
-    from tools.eval_harness import case_metrics
-    from tools.metrics import foreground_mask
+    from tools.evaluation.harness import case_metrics
+    from tools.evaluation.metrics import foreground_mask
     if not (Path(data_dir) / "brain_8coil_poisson_ksp.cfl").is_file():
         log(f"skipping dataset {POISSON2D}: {Path(data_dir) / 'brain_8coil_poisson_ksp.cfl'} not found")
         return []
@@ -169,8 +169,8 @@ def model_name(path: str, taken) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tools.eval_data import load_datasets
-    from tools.eval_harness import method_from_spec, model_method, run_evaluation
+    from tools.evaluation.datasets import load_datasets
+    from tools.evaluation.harness import method_from_spec, model_method, run_evaluation
 
     data_dir = Path(args.data)
     if not data_dir.exists():

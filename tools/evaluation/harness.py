@@ -1,5 +1,5 @@
 """Real-data evaluation harness behind `pisf evaluate`: every case of every 1D dataset
-(tools/eval_data.py) through zero-filled, the two tuned BART anchors (tools/bart_anchors.py)
+(tools/evaluation/datasets.py) through zero-filled, the two tuned BART anchors (tools/evaluation/bart.py)
 and any number of pluggable methods.
 
 A method is any callable
@@ -10,15 +10,15 @@ with image_kspace [C, ny, nx] complex64 (the image lines, zeros elsewhere), mask
 (1 on the image lines) and calibration_kspace [C, ny, nx] complex64 (the reference lines, zeros
 elsewhere; for embedded cases these lines are also in image_kspace, for separate-reference
 cases they are not: calibrate on them, never insert them as data). The reference-line indices
-are `tools.eval_data.sampled_lines(calibration_kspace)`. Plug methods in with
+are `tools.evaluation.datasets.sampled_lines(calibration_kspace)`. Plug methods in with
 
-    from tools.eval_harness import run_evaluation
-    from tools.eval_data import load_datasets
+    from tools.evaluation.harness import run_evaluation
+    from tools.evaluation.datasets import load_datasets
     run_evaluation(load_datasets(), {"my_method": my_method}, out=Path("runs/eval"))
 
 or on the command line with `pisf evaluate --model MODEL.onnx` (an ONNX model through
 `model_method`) or `--method NAME=package.module:factory` (factory() returns a method).
-Metrics: tools/metrics.py `all_metrics` (after a least-squares scale match: PSNR, SSIM, NMSE,
+Metrics: tools/evaluation/metrics.py `all_metrics` (after a least-squares scale match: PSNR, SSIM, NMSE,
 foreground PSNR) plus `foreground_ssim` (SSIM over the object only) as `ssim_fg`.
 Writes OUT/results.json, OUT/results.md and OUT/figure_<dataset>.png.
 """
@@ -32,8 +32,8 @@ from typing import Callable
 
 import numpy as np
 
-from tools.bart_anchors import CACHE_DIR
-from tools.eval_data import Case, Dataset, make_cases, sampled_lines, undersample
+from tools.evaluation.bart import CACHE_DIR
+from tools.evaluation.datasets import Case, Dataset, make_cases, sampled_lines, undersample
 
 Method = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 ZERO_FILLED = "zero_filled"
@@ -83,7 +83,7 @@ def method_from_spec(spec: str) -> tuple[str, Method]:
 # ----------------------------------------------------------------------------- one case
 def case_metrics(reference: np.ndarray, image: np.ndarray, foreground: np.ndarray) -> dict:
     """all_metrics (psnr, ssim, nmse, psnr_fg; scale-matched) plus ssim_fg."""
-    from tools.metrics import all_metrics, foreground_ssim, scale_match
+    from tools.evaluation.metrics import all_metrics, foreground_ssim, scale_match
     metrics = all_metrics(reference, image, foreground)
     metrics["ssim_fg"] = foreground_ssim(reference, scale_match(image, reference), foreground)
     return metrics
@@ -93,7 +93,7 @@ def evaluate_case(dataset: Dataset, case: Case, methods: dict[str, Method], use_
                   bart_cache: str | Path | None = CACHE_DIR, log=print) -> tuple[dict, dict[str, np.ndarray]]:
     """(result row, {method: image}) of one case; zero-filled first, then BART, then `methods`.
     bart_cache: folder of the BART result cache (None: no cache)."""
-    from tools.metrics import foreground_mask
+    from tools.evaluation.metrics import foreground_mask
     reference = dataset.reference
     foreground = foreground_mask(reference)
     image_kspace, calibration_kspace = undersample(case, dataset.kspace)
@@ -115,7 +115,7 @@ def evaluate_case(dataset: Dataset, case: Case, methods: dict[str, Method], use_
     start = time.perf_counter()
     record(ZERO_FILLED, zero_filled(image_kspace, case.mask, calibration_kspace), time.perf_counter() - start)
     if use_bart:
-        from tools.bart_anchors import bart_anchors
+        from tools.evaluation.bart import bart_anchors
         anchors = bart_anchors(image_kspace, calibration_kspace, reference, cache_dir=bart_cache, log=log)
         for name, anchor in anchors.items():
             record(name, anchor.image, anchor.seconds)
@@ -140,7 +140,7 @@ def run_evaluation(datasets: list[Dataset], methods: dict[str, Method], out: str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if use_bart:
-        from tools.bart_anchors import bart_available
+        from tools.evaluation.bart import bart_available
         if not bart_available():
             log("bart not found: running without the BART anchors")
             use_bart = False
@@ -163,7 +163,7 @@ def run_evaluation(datasets: list[Dataset], methods: dict[str, Method], out: str
                       "shape": list(d.kspace.shape)} for d in datasets] + list(extra_datasets or []),
         "methods": list(methods), "bart": use_bart, "quick": quick, "seed": seed,
         "bart_tuning": ("per-case oracle tuning by PSNR against the fully sampled reference "
-                        "(favours BART); see tools/bart_anchors.py") if use_bart else None,
+                        "(favours BART); see tools/evaluation/bart.py") if use_bart else None,
         "total_seconds": time.perf_counter() - start, "figures": figures, "rows": rows,
         **(info or {}),
     }
@@ -280,7 +280,7 @@ def save_figure(path: Path, dataset: Dataset, panels: list[tuple[Case, dict]]) -
     """One row per case: reference, every reconstruction (zero-filled, BART, methods), then x5
     error maps |recon - reference| of each (scale-matched; grey scale = reference max)."""
     from PIL import Image, ImageDraw
-    from tools.metrics import scale_match
+    from tools.evaluation.metrics import scale_match
     reference = dataset.reference
     peak = float(reference.max())
     names = list(panels[0][1])

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SHARED_RAW = REPO.parent / "shared" / "data" / "siemens_skyra_R3_14ch.h5"
 TICK_S = 2.5e-3  # acquisition_time_stamp unit
 
@@ -156,7 +156,7 @@ def trend(values: list[float], window: int = 10) -> dict:
 # ----------------------------------------------------------------------------- server
 def start_server(out: Path, log_level: str = "INFO"):
     """`pisf serve` as its own process on a free loopback port; (process, port)."""
-    from tools.demo import _free_port, start_server_process
+    from tools.session.demo import _free_port, start_server_process
 
     port = _free_port()
     return start_server_process(port, out / "server.log"), port
@@ -259,7 +259,7 @@ def scan_seconds(acquisitions: list) -> float:
 
 # ----------------------------------------------------------------------------- BART
 def _write_cfl(stem: Path, array: np.ndarray) -> None:
-    from tools.evaluate import write_cfl
+    from tools.evaluation.evaluate import write_cfl
     write_cfl(stem, array)
 
 
@@ -510,7 +510,7 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
               bart_slices: int = 3, realtime: bool = False, realtime_slices: int = 50, tr_ms: float = 8.0,
               soak: int = 0, min_images: int = 10, soak_minutes: float = 0.0, log=print) -> dict:
     from gadgets.wire.client import read_raw
-    from tools.simulate import simulate
+    from tools.rawdata.simulate import simulate
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

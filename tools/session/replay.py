@@ -2,11 +2,11 @@
 
 Prints every TEXT from the server, progress while sending lines and while waiting for images
 (received of expected), per-image latency, and PSNR/SSIM per image when the raw file carries
-ground truth (tools/groundtruth.py). Writes the images (`--out`, ISMRMRD), PNG previews windowed
+ground truth (tools/rawdata/groundtruth.py). Writes the images (`--out`, ISMRMRD), PNG previews windowed
 as the console windows them (`--png`), DICOM (`--dicom`) and the physicist's report (`--report`,
 by default beside `--out`): metrics JSON/CSV, a side-by-side PNG per slice (reference, zero-filled
 computed here from the same raw data, the chain, error maps on one scale), a quality+latency plot
-and, for cine, an animated GIF per slice (tools/report.py).
+and, for cine, an animated GIF per slice (tools/session/report.py).
 
 Options follow the other clients where they overlap: -a/--host, -p/--port, -c/--config,
 -C/--config-file, -g/--group (input group), -o/--out, -G/--out-group.
@@ -122,7 +122,7 @@ def zero_filled_panels(header_text: str, acquisitions: list) -> dict:
     from gadgets.chain import ChainRepository, run_stages
     from gadgets.context import StreamContext, parse_header
     from gadgets.wire.client import ReceivedImage
-    from tools.report import panels_from_images
+    from tools.session.report import panels_from_images
 
     try:
         spec = ChainRepository.shared().load("zerofill")
@@ -137,8 +137,8 @@ def zero_filled_panels(header_text: str, acquisitions: list) -> dict:
 
 def _quality(args, result, group, header_text, acquisitions, report_dir):
     """Print PSNR/SSIM (with ground truth) and write the report; returns the report or None."""
-    from tools.groundtruth import read_groundtruth
-    from tools.report import compute_rows, format_table, panels_from_images, write_report
+    from tools.rawdata.groundtruth import read_groundtruth
+    from tools.session.report import compute_rows, format_table, panels_from_images, write_report
 
     try:
         truth = read_groundtruth(args.raw, group)

@@ -1,4 +1,4 @@
-"""`pisf train`: train the PISF network on on-the-fly synthetic data (tools/synth.py).
+"""`pisf train`: train the PISF network on on-the-fly synthetic data (tools/training/synth.py).
 
 Loss: MSE between every block's output and the clean target hybrid k-space, summed over blocks
 (as the authors do): deep supervision gives every unrolled block a direct gradient, which speeds
@@ -72,7 +72,7 @@ class Task:
 
     def batch(self, synth, **kwargs) -> dict:
         if self.architecture == "sense":
-            from tools.synth import sense_batch
+            from tools.training.synth import sense_batch
             return sense_batch(synth, **self.sense_options, **kwargs)
         return synth.batch(**kwargs)
 
@@ -91,7 +91,7 @@ class Task:
 
 def validation_set(task: Task, synth_cfg, device, seed: int, batches: int) -> list[dict]:
     """Fixed held-back synthetic batches (own seed) at a few row lengths."""
-    from tools.synth import Synthesizer
+    from tools.training.synth import Synthesizer
     synth = Synthesizer(synth_cfg, device=device, seed=seed)
     lengths = [96, 192, 256, 320, 384, 512]
     return [{k: v for k, v in task.batch(synth, ny=lengths[i % len(lengths)]).items()
@@ -122,7 +122,7 @@ def train(cfg: dict, out: Path, resume: bool = False, steps: int | None = None,
     from tqdm import tqdm
 
     from models.pisf_net import parameter_count
-    from tools.synth import SynthConfig, Synthesizer
+    from tools.training.synth import SynthConfig, Synthesizer
 
     out.mkdir(parents=True, exist_ok=True)
     threads = int(cfg.get("threads", 0) or 0)
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":   # `python -m tools.train ...`, same as `pisf train ...`
+if __name__ == "__main__":   # `python -m tools.training.train ...`, same as `pisf train ...`
     _parser = argparse.ArgumentParser(prog="pisf train")
     add_arguments(_parser)
     raise SystemExit(run(_parser.parse_args()))

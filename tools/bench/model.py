@@ -85,7 +85,7 @@ def bench_bart(repeats: int = 3, size: int = 256, coils: int = 8, acceleration: 
     import tempfile
     from pathlib import Path
 
-    from tools.cfl import write_cfl
+    from tools.rawdata.cfl import write_cfl
     kspace = phantom_slice(size, coils)
     mask = np.zeros(size, dtype=np.float32)
     mask[::acceleration] = 1

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.cfl import read_cfl, write_cfl
+from tools.rawdata.cfl import read_cfl, write_cfl
 
 CACHE_DIR = Path("runs/bart_cache")
 REGULARISERS = ("l2", "l1")
@@ -82,7 +82,7 @@ def _bart_layout(kspace: np.ndarray) -> np.ndarray:
 
 
 def _psnr(reference: np.ndarray, image: np.ndarray) -> float:
-    from tools.metrics import psnr, scale_match
+    from tools.evaluation.metrics import psnr, scale_match
     return psnr(reference, scale_match(image, reference))
 
 

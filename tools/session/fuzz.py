@@ -31,7 +31,7 @@ import ismrmrd
 import numpy as np
 
 from gadgets.wire import protocol
-from tools.kspace_stream import cartesian_line, header_for
+from tools.rawdata.kspace_stream import cartesian_line, header_for
 
 NX = NY = 16
 COILS = 2

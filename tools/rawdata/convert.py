@@ -4,10 +4,10 @@ Formats (recognised from the content; `--format` forces one):
 
 | format | input | reader |
 |---|---|---|
-| twix | Siemens `.dat`, VB and VD/VE multi-raid | tools/convert_twix.py (twixtools) |
-| fastmri | fastMRI multicoil `.h5`: `kspace` [slice, coil, readout, PE], `ismrmrd_header` | tools/convert_fastmri.py |
-| cmrxrecon | CMRxRecon `.mat` (MATLAB v7.3): k-space (kx, ky, coil, slice, frame) | tools/convert_cmrxrecon.py |
-| bart | BART `.cfl` + `.hdr` | tools/convert_bart.py |
+| twix | Siemens `.dat`, VB and VD/VE multi-raid | tools/rawdata/readers/twix.py (twixtools) |
+| fastmri | fastMRI multicoil `.h5`: `kspace` [slice, coil, readout, PE], `ismrmrd_header` | tools/rawdata/readers/fastmri.py |
+| cmrxrecon | CMRxRecon `.mat` (MATLAB v7.3): k-space (kx, ky, coil, slice, frame) | tools/rawdata/readers/cmrxrecon.py |
+| bart | BART `.cfl` + `.hdr` | tools/rawdata/readers/bart.py |
 
 Every reader turns its file into a `Source`: an ISMRMRD header and the readouts in the order a
 scanner streams them (`Line`: what it is, its image, its ky, and how to build its acquisition).
@@ -21,7 +21,7 @@ This module then, for all formats alike:
 * when the input is fully sampled, writes the fully sampled reference as ground truth (the
   `zerofill` chain's own stages run on all lines: prewhitening, oversampling removal,
   placement, RSS; cropped to the recon matrix) in the group `pisf replay` and `pisf demo` read,
-  as `pisf simulate` does (tools/groundtruth.py);
+  as `pisf simulate` does (tools/rawdata/groundtruth.py);
 * writes the file under a temporary name and renames it at the end, so a failed conversion
   leaves no output file.
 
@@ -114,7 +114,7 @@ def detect_format(path: Path) -> str:
     if head.startswith(b"MATLAB"):
         raise ConvertError(f"{path}: a MATLAB file older than v7.3 (not HDF5); CMRxRecon files are v7.3 "
                            "(save with -v7.3)")
-    from tools.convert_twix import looks_like_twix
+    from tools.rawdata.readers.twix import looks_like_twix
     if looks_like_twix(path):
         return "twix"
     raise ConvertError(f"{path}: unknown layout: not a Siemens twix file, not HDF5 (fastMRI), not a MATLAB "
@@ -123,7 +123,7 @@ def detect_format(path: Path) -> str:
 
 def _hdf5_format(path: Path, matlab: bool) -> str:
     import h5py
-    from tools.convert_cmrxrecon import KSPACE_NAMES
+    from tools.rawdata.readers.cmrxrecon import KSPACE_NAMES
 
     try:
         with h5py.File(path, "r") as f:
@@ -144,18 +144,18 @@ def _hdf5_format(path: Path, matlab: bool) -> str:
 def read_source(path: Path, fmt: str | None, options: argparse.Namespace | None = None) -> Source:
     fmt = fmt or detect_format(path)
     if fmt == "twix":
-        from tools.convert_twix import read_twix_source
+        from tools.rawdata.readers.twix import read_twix_source
         return read_twix_source(path, measurement=getattr(options, "measurement", None))
     if fmt == "fastmri":
-        from tools.convert_fastmri import read_fastmri_source
+        from tools.rawdata.readers.fastmri import read_fastmri_source
         return read_fastmri_source(path)
     if fmt == "cmrxrecon":
-        from tools.convert_cmrxrecon import read_cmrxrecon_source
+        from tools.rawdata.readers.cmrxrecon import read_cmrxrecon_source
         return read_cmrxrecon_source(path, variable=getattr(options, "variable", None),
                                      frames=getattr(options, "frames", None),
                                      oversampling=getattr(options, "oversampling", None))
     if fmt == "bart":
-        from tools.convert_bart import read_bart_source
+        from tools.rawdata.readers.bart import read_bart_source
         return read_bart_source(path, oversampling=getattr(options, "oversampling", None))
     raise ConvertError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
 
@@ -228,8 +228,8 @@ def array_lines(images: list[ArrayImage], *, first_column: int = 0, column_range
     an image (2D masks such as Poisson discs leave holes inside lines)."""
     import ismrmrd
 
-    from tools.kspace_stream import cartesian_line
-    from tools.simulate import START_OF_SCAN_TICKS, TICK_MS
+    from tools.rawdata.kspace_stream import cartesian_line
+    from tools.rawdata.simulate import START_OF_SCAN_TICKS, TICK_MS
 
     cache: dict = {}
 
@@ -527,11 +527,11 @@ def write_acquisitions(path: str, acquisitions, group: str = "dataset", batch: i
 
 
 def write_reference(path: str, images: dict[tuple, np.ndarray], masks: dict[tuple, np.ndarray], attrs: dict) -> None:
-    """The fully sampled reference as ground truth ([slice, phase, y, x], tools/groundtruth.py), with the
+    """The fully sampled reference as ground truth ([slice, phase, y, x], tools/rawdata/groundtruth.py), with the
     ky mask of the image lines sent ([slice, phase, ky])."""
     import h5py
 
-    from tools.groundtruth import write_groundtruth
+    from tools.rawdata.groundtruth import write_groundtruth
 
     slices = max(k[0] for k in images) + 1
     phases = max(k[2] for k in images) + 1

@@ -3,7 +3,7 @@
 Simulates a multi-slice raw dataset, starts the embedded server as its own process, replays the
 raw data through it for each chain (as a scanner would stream it), writes ISMRMRD images and
 PNG previews, and prints per-image latency and PSNR/SSIM against the simulated ground truth.
-Beside the images, `report/` holds what tools/report.py writes: metrics.json/.csv, a side-by-side
+Beside the images, `report/` holds what tools/session/report.py writes: metrics.json/.csv, a side-by-side
 PNG per slice (reference, every chain, error maps on one scale), a quality+latency plot and, for
 cine (`--phases N`), an animated GIF per slice.
 """
@@ -66,9 +66,9 @@ def _fail(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tools.groundtruth import GroundTruth
-    from tools.report import format_table, panels_from_images, write_report
-    from tools.simulate import simulate
+    from tools.rawdata.groundtruth import GroundTruth
+    from tools.session.report import format_table, panels_from_images, write_report
+    from tools.rawdata.simulate import simulate
 
     out = args.out
     if out.exists() and not out.is_dir():

@@ -2,7 +2,7 @@
 
 Writes a Cartesian multi-coil, multi-slice (optionally cine) raw file that the inline server can
 stream, with the noise-free ground truth stored in the same HDF5 file under
-`/dataset/pisf_groundtruth` (inside the raw data's group: see tools/groundtruth.py).
+`/dataset/pisf_groundtruth` (inside the raw data's group: see tools/rawdata/groundtruth.py).
 
 Model, in scanner coordinates (x = readout/LR, y = phase encode/AP, z = slice/HF; mm):
   head phantom (soft-edged tissue fractions) -> per-tissue spin-echo or spoiled-GRE signal
@@ -26,7 +26,7 @@ import ismrmrd.xsd as xsd
 import numpy as np
 
 from gadgets.numerics.fft import fftc, ifftc
-from tools.groundtruth import GROUNDTRUTH_NAME, write_groundtruth
+from tools.rawdata.groundtruth import GROUNDTRUTH_NAME, write_groundtruth
 
 GAMMA_HZ_PER_T = 42.577478e6
 FAT_SHIFT_PPM = -3.4

@@ -2,7 +2,7 @@
 
 `pisf replay` and `pisf demo` call write_report() with the images of each chain (and a locally
 computed zero-filled recon), plus the ground truth when the raw file carries one
-(tools/groundtruth.py). Written into one directory:
+(tools/rawdata/groundtruth.py). Written into one directory:
 
     metrics.json, metrics.csv   one row per chain and image: slice, phase, PSNR, SSIM, NMSE, latency
     compare_slice000.png        per slice: reference | each chain, windowed as a console would
@@ -12,7 +12,7 @@ computed zero-filled recon), plus the ground truth when the raw file carries one
     quality_latency.png         PSNR, SSIM and latency per image for every chain
     cine_slice000.gif           multi-phase (cine) scans: the same panels through the phases
 
-Metrics are the fastMRI ones (tools/metrics.py) after a least-squares scale match of each image
+Metrics are the fastMRI ones (tools/evaluation/metrics.py) after a least-squares scale match of each image
 to the reference. matplotlib is imported here only, never by the server runtime.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.groundtruth import GroundTruth
+from tools.rawdata.groundtruth import GroundTruth
 
 
 @dataclass
@@ -88,7 +88,7 @@ def panels_from_images(received, label: str) -> dict[str, dict[tuple[int, int], 
 
 def compute_rows(panels: dict[str, dict[tuple[int, int], Panel]], reference: GroundTruth | None) -> tuple[list[dict], list[str]]:
     """One row per (label, slice, phase): PSNR/SSIM/NMSE against the reference (None without one)."""
-    from tools.metrics import nmse, psnr, scale_match, ssim
+    from tools.evaluation.metrics import nmse, psnr, scale_match, ssim
 
     rows, notes = [], []
     for label, images in panels.items():
@@ -181,7 +181,7 @@ def _nice_ceiling(value: float) -> float:
 
 def _error_maps(panels, key, truth) -> tuple[dict[str, np.ndarray], float]:
     """label -> |scale-matched recon - reference| in % of the reference max; one common scale."""
-    from tools.metrics import scale_match
+    from tools.evaluation.metrics import scale_match
 
     maps = {}
     for label, images in panels.items():

@@ -1,12 +1,12 @@
 """The classical chains against BART, from a `pisf evaluate` run with the chains' cores as methods:
 
-    pisf evaluate --model none --method grappa=tools.classical_eval:grappa \
-                  --method sense=tools.classical_eval:sense \
-                  --method sense_l1=tools.classical_eval:sense_l1 --out runs/eval_classical
-    python -m tools.classical_table runs/eval_classical
+    pisf evaluate --model none --method grappa=tools.evaluation.classical:grappa \
+                  --method sense=tools.evaluation.classical:sense \
+                  --method sense_l1=tools.evaluation.classical:sense_l1 --out runs/eval_classical
+    python -m tools.evaluation.classical_table runs/eval_classical
 
 Per case: zero-filled, BART SENSE-l2 tuned per case against the reference (the oracle of
-tools/bart_anchors.py), BART SENSE-l2 at one fixed setting for every case (`ecalib -m1 -c 0.9`,
+tools/evaluation/bart.py), BART SENSE-l2 at one fixed setting for every case (`ecalib -m1 -c 0.9`,
 `pics -l2 -r 0.01`, 100 iterations: like the chains, no per-case tuning; from the anchors' disk
 cache, computed when missing), the sense and grappa chains' cores; PSNR / SSIM and seconds
 (BART: ecalib + pics, single-threaded; ours: the call); with a sense_l1 method also BART
@@ -25,9 +25,9 @@ FIXED = {"maps": 1, "crop": 0.9, "lambda": 0.01}
 
 def fixed_bart(rows: list[dict], data_dir: Path, cache: str) -> dict[tuple[str, str], dict]:
     """(dataset, case) -> {metrics, seconds} of BART SENSE-l2 at FIXED on every row's case."""
-    from tools.bart_anchors import BartCase
-    from tools.eval_data import load_datasets, make_cases, undersample
-    from tools.metrics import all_metrics, foreground_mask
+    from tools.evaluation.bart import BartCase
+    from tools.evaluation.datasets import load_datasets, make_cases, undersample
+    from tools.evaluation.metrics import all_metrics, foreground_mask
 
     out = {}
     for dataset in load_datasets(data_dir, sorted({r["dataset"] for r in rows}), log=lambda *_: None):
@@ -102,7 +102,7 @@ def table(results: dict, fixed: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from tools.eval_data import DEFAULT_DATA
+    from tools.evaluation.datasets import DEFAULT_DATA
     out = Path(argv[0] if argv else "runs/eval_classical")
     results = json.loads((out / "results.json").read_text())
     fixed = fixed_bart(results["rows"], Path(argv[1]) if len(argv) > 1 else DEFAULT_DATA, "runs/bart_cache")

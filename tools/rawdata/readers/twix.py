@@ -16,7 +16,7 @@ Mapping (after siemens_to_ismrmrd, the reference converter):
 | SliceData.Quaternion (W, X, Y, Z) | phase_dir, read_dir, slice_dir (ISMRMRD quaternion_to_directions of (X, Y, Z, W)) |
 | TimeStamp, PMUTimeStamp, ScanCounter, MeasUID | acquisition_time_stamp, physiology_time_stamp[0], scan_counter, measurement_uid |
 
-FIRST/LAST_IN_SLICE and LAST_IN_MEASUREMENT are set by the converter per image (see tools/convert.py),
+FIRST/LAST_IN_SLICE and LAST_IN_MEASUREMENT are set by the converter per image (see tools/rawdata/convert.py),
 not copied from LASTSCANINSLICE (which marks the end of a slice, not of each cine phase).
 
 Header: matrix, field of view, oversampling and encoding limits from the protocol (MeasYaps
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.convert import ConvertError, Line, Source
+from tools.rawdata.convert import ConvertError, Line, Source
 
 RAID_HEADER_BYTES = 10240          # VD/VE multi-raid file header
 RAID_ENTRY_BYTES = 152

@@ -1,0 +1,1 @@
+"""One reader per input format of `pisf convert`; each turns a file into a `Source`."""
