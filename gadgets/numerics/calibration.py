@@ -21,26 +21,11 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULT_KERNEL = 6
+from .reference import MIN_CALIBRATION_REFERENCE_LINES, reference_run
+
+DEFAULT_KERNEL = 6           # MIN_CALIBRATION_REFERENCE_LINES (numerics/reference.py) follows it
 DEFAULT_THRESHOLD = 0.02
-MIN_REFERENCE_LINES = 6
 NOISE_FACTOR = 2.0
-
-
-def reference_run(lines: np.ndarray) -> np.ndarray:
-    """Boolean [ny]: the contiguous run of `lines` through the k-space centre (ny // 2), or the
-    longest run when none passes through it (the reference block)."""
-    lines = np.asarray(lines, dtype=bool)
-    edges = np.diff(np.concatenate([[0], lines.astype(np.int8), [0]]))
-    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    run = np.zeros(lines.shape[0], dtype=bool)
-    if starts.size == 0:
-        return run
-    centre = lines.shape[0] // 2
-    through = np.flatnonzero((starts <= centre) & (centre < stops))
-    pick = through[0] if through.size else int(np.argmax(stops - starts))
-    run[starts[pick]:stops[pick]] = True
-    return run
 
 
 def calibration_matrix(reference: np.ndarray, kernel: int) -> np.ndarray:
@@ -147,9 +132,9 @@ def sensitivities(calibration_kspace: np.ndarray, reference_lines: np.ndarray,
     """ESPIRiT maps [C, ny, nx] from calibration k-space [C, ny, nx] whose `reference_lines`
     [ny] hold reference data (the longest contiguous run is used)."""
     run = reference_run(reference_lines)
-    if run.sum() < MIN_REFERENCE_LINES:
+    if run.sum() < MIN_CALIBRATION_REFERENCE_LINES:
         raise ValueError(f"{int(run.sum())} contiguous reference lines; calibration needs at least "
-                         f"{MIN_REFERENCE_LINES}")
+                         f"{MIN_CALIBRATION_REFERENCE_LINES}")
     block = np.asarray(calibration_kspace)[:, run, :]
     maps, _ = espirit_maps(block, shape or calibration_kspace.shape[1:], **options)
     return maps

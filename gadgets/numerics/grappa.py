@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .fft import ifftc
+from .reference import MIN_GRAPPA_REFERENCE_LINES
 
 DEFAULT_KY_SOURCES = 2        # per side
 DEFAULT_KX_TAPS = 5
 DEFAULT_LAMBDA = 1e-3         # relative to the mean diagonal of the source Gram matrix
-MIN_REFERENCE_LINES = 4
 
 
 @dataclass
@@ -120,8 +120,9 @@ def grappa_fill(kspace: np.ndarray, mask: np.ndarray, reference: np.ndarray,
     sampled = np.asarray(mask) > 0.5
     coils, ny, nx = kspace.shape
     lines = reference.shape[1]
-    if lines < MIN_REFERENCE_LINES:
-        raise ValueError(f"GRAPPA needs at least {MIN_REFERENCE_LINES} contiguous reference lines, got {lines}")
+    if lines < MIN_GRAPPA_REFERENCE_LINES:
+        raise ValueError(f"GRAPPA needs at least {MIN_GRAPPA_REFERENCE_LINES} contiguous reference lines, "
+                         f"got {lines}")
     half = max(0, (min(kx_taps, nx) - 1) // 2)
     max_dx = 2 * half
     corr = kernel_correlations(np.asarray(reference), max_dx)
