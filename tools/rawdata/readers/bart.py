@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.rawdata.convert import ArrayImage, ConvertError, Source, array_header, array_lines, default_positions
+from tools.rawdata.source import ArrayImage, ConvertError, Source, array_header, array_lines, default_positions
 
 COUNTERS = {5: 1, 10: 2, 13: 0, 14: 3}  # BART dimension -> index in (slice, contrast, phase, repetition, set)
 NAMES = {0: "READ", 1: "PHS1", 2: "PHS2", 3: "COIL", 4: "MAPS", 5: "TE", 10: "TIME", 13: "SLICE", 14: "AVG"}

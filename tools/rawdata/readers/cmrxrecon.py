@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.rawdata.convert import (ArrayImage, ConvertError, Source, array_header, array_lines, default_positions,
+from tools.rawdata.source import (ArrayImage, ConvertError, Source, array_header, array_lines, default_positions,
                            frame_key)
 
 KSPACE_NAMES = ("kspace_full", "kspace", "kus", "kspace_single_full")

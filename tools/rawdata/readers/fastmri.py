@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.rawdata.convert import (ArrayImage, ConvertError, Source, array_header, array_lines, default_positions)
+from tools.rawdata.source import (ArrayImage, ConvertError, Source, array_header, array_lines, default_positions)
 
 
 def read_fastmri_source(path: Path) -> Source:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.rawdata.convert import ConvertError, Line, Source
+from tools.rawdata.source import ConvertError, Line, Source
 
 RAID_HEADER_BYTES = 10240          # VD/VE multi-raid file header
 RAID_ENTRY_BYTES = 152
