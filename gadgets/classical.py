@@ -24,14 +24,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .context import InputError, StreamContext
+from .context import StreamContext
 from .items import KSpaceSlice, Notice, ReconImage
-from .numerics.calibration import MIN_REFERENCE_LINES, compressed_maps, reference_run
+from .numerics.calibration import compressed_maps
 from .numerics.coils import coil_compression_matrix, compress, root_sum_of_squares
 from .numerics.fft import ifftc
 from .numerics.grappa import DEFAULT_KX_TAPS, DEFAULT_KY_SOURCES, grappa_fill
 from .numerics.quality import sense_residual
+from .numerics.reference import MIN_CALIBRATION_REFERENCE_LINES, centre_region
 from .numerics.sense import sense_l1_wavelet, sense_tikhonov
+from .slices import SliceData, acs_as_data_default, partitions
 
 METHODS = ("grappa", "sense")
 DEFAULT_GRAPPA_LAMBDA = 1e-2
@@ -48,87 +50,6 @@ DEFAULT_VIRTUAL_COILS = 16
 SENSE_CALIBRATION_REGION = (32, 64)
 SERIES = {"zero-filled": 1, "grappa": 3, "sense": 4}      # pisf is 2
 NAMES = {"grappa": "GRAPPA", "sense": "SENSE", "zero-filled": "zero-filled"}
-
-
-def calibration_mode(header) -> str | None:
-    parallel = header.encoding[0].parallelImaging
-    mode = getattr(parallel, "calibrationMode", None) if parallel is not None else None
-    return getattr(mode, "value", mode)
-
-
-def acs_as_data_default(context: StreamContext, acs_as_data: str | bool) -> bool:
-    """Embedded ACS lines are measured k-space of this very slice, so data consistency keeps
-    them; separate or interleaved references may differ (resolution, time) and only calibrate."""
-    if acs_as_data == "auto":
-        return calibration_mode(context.header) == "embedded"
-    return bool(acs_as_data)
-
-
-@dataclass
-class SliceData:
-    """One 2D slice as the reconstructions see it.
-
-    kspace [C, ny, nx]: image lines (zeros elsewhere); mask [ny] float32: the image lines;
-    calibration [C, ny, nx] and reference_lines [ny] bool: the calibration lines, or None."""
-    kspace: np.ndarray
-    mask: np.ndarray
-    calibration: np.ndarray | None = None
-    reference_lines: np.ndarray | None = None
-
-    @property
-    def coils(self) -> int:
-        return int(self.kspace.shape[0])
-
-    @property
-    def ny(self) -> int:
-        return int(self.kspace.shape[1])
-
-    @property
-    def acceleration(self) -> float:
-        """ny / number of image lines (embedded ACS lines included, the fastMRI convention)."""
-        return float(self.mask.size / max(float(self.mask.sum()), 1.0))
-
-    def reference(self) -> tuple[np.ndarray, int, str]:
-        """(reference block [C, L, nx], L, where it came from): the contiguous run of calibration
-        lines through the centre, else the fully sampled centre run of the image lines."""
-        if self.calibration is not None and self.reference_lines is not None and np.any(self.reference_lines):
-            run = reference_run(self.reference_lines)
-            return self.calibration[:, run], int(run.sum()), "reference lines"
-        run = reference_run(self.mask > 0.5)
-        return self.kspace[:, run], int(run.sum()), "fully sampled centre of the image lines"
-
-
-def slice_data(item: KSpaceSlice, acs_as_data: bool, partition: int = 0) -> SliceData:
-    """SliceData of one kz plane of a KSpaceSlice (plane 0 for 2D)."""
-    kspace = item.kspace[:, partition]
-    sampled = item.sampled[partition]
-    calibration = lines = None
-    if item.calibration is not None and item.calibration_sampled[partition].any():
-        calibration, lines = item.calibration[:, partition], item.calibration_sampled[partition]
-        if acs_as_data:
-            acs_only = lines & ~sampled
-            if acs_only.any():
-                kspace = kspace.copy()
-                kspace[:, acs_only] = calibration[:, acs_only]
-                sampled = sampled | acs_only
-    return SliceData(kspace, sampled.astype(np.float32), calibration, lines)
-
-
-def partitions(item: KSpaceSlice, acs_as_data: bool) -> list[SliceData]:
-    """The 2D problems of a slice: itself (2D), or, for a 3D scan undersampled along ky only (the
-    same ky lines in every partition), its partitions after the inverse FFT along kz."""
-    nz = item.kspace.shape[1]
-    if nz == 1:
-        return [slice_data(item, acs_as_data)]
-    if not (item.sampled == item.sampled[:1]).all():
-        raise InputError(f"{item.key}: this 3D scan is undersampled along kz as well; the classical "
-                         "reconstructions here handle ky undersampling only")
-    planes = KSpaceSlice(item.key, ifftc(item.kspace, axes=(1,)).astype(np.complex64), item.sampled,
-                         None if item.calibration is None else ifftc(item.calibration, axes=(1,)).astype(np.complex64),
-                         None if item.calibration_sampled is None
-                         else np.broadcast_to(item.calibration_sampled.any(axis=0), item.sampled.shape),
-                         item.reference, item.complete, item.last_line_time)
-    return [slice_data(planes, acs_as_data, z) for z in range(nz)]
 
 
 @dataclass
@@ -164,11 +85,11 @@ def reconstruct_classical(data: SliceData, method: str, options: ClassicalOption
         raise ValueError(f"classical method {method!r}; known: {', '.join(METHODS)}")
     options = options or ClassicalOptions()
     started = time.perf_counter()
-    block, lines, source = data.reference()
+    block, lines, source = data.reference_block()
     meta = {"PISF_Acceleration": f"{data.acceleration:.2f}", "PISF_ReferenceLines": str(lines)}
-    if lines < MIN_REFERENCE_LINES:
+    if lines < MIN_CALIBRATION_REFERENCE_LINES:   # one floor for both methods (numerics/reference.py)
         image = root_sum_of_squares(ifftc(data.kspace * data.mask[None, :, None], axes=(-2, -1)))
-        note = (f"{NAMES[method]} needs at least {MIN_REFERENCE_LINES} contiguous reference lines to "
+        note = (f"{NAMES[method]} needs at least {MIN_CALIBRATION_REFERENCE_LINES} contiguous reference lines to "
                 f"calibrate; the slice has {lines}: zero-filled image")
         meta.update({"PISF_Method": "zero-filled", "PISF_ReconMs": f"{(time.perf_counter() - started) * 1e3:.1f}"})
         return ClassicalImage("zero-filled", image.astype(np.float32), "zero-filled FFT, RSS coil combination",
@@ -202,13 +123,6 @@ def reconstruct_classical(data: SliceData, method: str, options: ClassicalOption
         result = ClassicalImage("sense", np.abs(image).astype(np.float32), description, meta, image=image)
     meta["PISF_ReconMs"] = f"{(time.perf_counter() - started) * 1e3:.1f}"
     return result
-
-
-def centre_region(block: np.ndarray, lines: int, columns: int) -> np.ndarray:
-    """The central (at most) lines x columns of a reference block [C, L, nx]."""
-    _, ly, lx = block.shape
-    y0, x0 = max(0, (ly - lines) // 2), max(0, (lx - columns) // 2)
-    return block[:, y0:y0 + min(lines, ly), x0:x0 + min(columns, lx)]
 
 
 def classical_options(lam: float | None, method: str, **options) -> ClassicalOptions:

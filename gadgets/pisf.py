@@ -18,15 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .classical import (METHODS, SERIES, SliceData, acs_as_data_default, classical_options, partitions,
-                        reconstruct_classical)
+from .classical import METHODS, SERIES, classical_options, reconstruct_classical
 from .context import StreamContext
 from .finish import SERIES_META
 from .items import KSpaceSlice, Notice, ReconImage
-from .numerics.calibration import MIN_REFERENCE_LINES, reference_run
-from .numerics.coils import compress, root_sum_of_squares
 from .numerics.pisf_inference import PisfReconstructor
-from .numerics.quality import coil_residual, normalised_difference, sense_residual
+from .numerics.quality import normalised_difference
+from .numerics.reference import MIN_CALIBRATION_REFERENCE_LINES
+from .slices import SliceData, acs_as_data_default, partitions
 
 log = logging.getLogger("pisf.gadget")
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -130,10 +129,10 @@ def guard_reasons(data: SliceData, partitions: int, reconstructor: PisfReconstru
     if partitions > 1:
         reasons.append(("3D", f"3D scan ({partitions} partitions); the model reconstructs 2D slices"))
     if reconstructor.contract == "2":
-        _, lines, _ = data.reference()
-        if lines < MIN_REFERENCE_LINES:
+        _, lines, _ = data.reference_block()
+        if lines < MIN_CALIBRATION_REFERENCE_LINES:
             reasons.append(("reference lines", f"{lines} contiguous reference lines; the model calibrates its "
-                                                f"coil maps on at least {MIN_REFERENCE_LINES}"))
+                                                f"coil maps on at least {MIN_CALIBRATION_REFERENCE_LINES}"))
     ranges = trained_ranges(reconstructor.metadata)
     if "acceleration" in ranges:
         lo, hi = ranges["acceleration"]
@@ -251,37 +250,19 @@ class PisfRecon:
 
     def _pisf(self, data: SliceData):
         """(magnitude [ny, nx], meta, (compression, maps) or None) of the network on one slice,
-        with the data-consistency residual of its image on the measured lines."""
-        recon = self.reconstructor
-        kspace, mask = data.kspace, data.mask
-        _, lines, _ = data.reference()
-        maps = None
+        with the data-consistency residual of its image on the measured lines. The inference core
+        calibrates and compresses once and hands back what the residual needs; contract 2's maps
+        also serve a side-by-side SENSE image."""
+        _, lines, _ = data.reference_block()
         clock = time.perf_counter
-        if recon.contract == "2":
-            calibration = data.calibration if data.calibration is not None else kspace * mask[None, :, None]
-            reference = (data.reference_lines if data.calibration is not None
-                         else reference_run(mask > 0.5))
-            # ESPIRiT once per slice: the core's own calibration, handed back to it, and the
-            # residual measured in the model's own SENSE model
-            t0 = clock()
-            maps = recon.calibrate(kspace, mask, calibration, reference)
-            image = recon.reconstruct_image(kspace, mask, calibration, reference, maps=maps)
-            t2 = clock()
-            measured = compress(kspace * mask[None, :, None], maps[0])
-            residual = sense_residual(image, maps[1], measured, mask)
-            magnitude = np.abs(image).astype(np.float32)
-            inference, signals = t2 - t0, clock() - t2
-        else:
-            samples = None
-            if data.calibration is not None:
-                samples = data.calibration[:, np.asarray(data.reference_lines, dtype=bool)]
-            t0 = clock()
-            coil_images = recon.reconstruct_coils(kspace, mask, samples)
-            t1 = clock()
-            _, _, measured = recon.preprocess(kspace, mask, samples)
-            residual = coil_residual(coil_images, measured, mask)
-            magnitude = root_sum_of_squares(coil_images).astype(np.float32)
-            inference, signals = t1 - t0, clock() - t1
+        t0 = clock()
+        result = self.reconstructor.reconstruct_slice(data.kspace, data.mask, data.reference_kspace,
+                                                      data.reference_lines)
+        t1 = clock()
+        residual = result.data_consistency()
+        inference, signals = t1 - t0, clock() - t1
+        maps = (result.compression, result.maps) if result.maps is not None else None
+        magnitude = result.magnitude
         ranges = ", ".join(f"{name} {lo:g}-{hi:g}" for name, (lo, hi) in self.ranges.items())
         meta = {"PISF_Method": "PISF", "PISF_Model": self.model_name, "PISF_Provider": self.provider,
                 "PISF_Acceleration": f"{data.acceleration:.2f}", "PISF_ReferenceLines": str(lines),

@@ -11,9 +11,11 @@ import pytest
 
 from gadgets import pisf as pisf_gadget
 from gadgets.items import Notice, ReconImage
-from gadgets.numerics.calibration import compressed_maps, reference_run
+from gadgets.numerics.calibration import compressed_maps
 from gadgets.numerics.coils import compress
 from gadgets.numerics.fft import ifftc
+from gadgets.numerics.pisf_inference import SliceReconstruction
+from gadgets.numerics.reference import reference_block
 from gadgets.numerics.sense import sense_tikhonov
 from gadgets.wire.client import replay
 from tests.test_calibration import centre_lines, synthetic_scan
@@ -26,7 +28,7 @@ RANGES = {"contract": "2", "coils": "8", "trained_ny_min": "32", "trained_ny_max
 
 class StubModel:
     """Stands in for PisfReconstructor: contract 2 returns the Tikhonov SENSE image of the same
-    compression and maps as the runtime; `fail` makes it refuse like the real core."""
+    compression and maps as the runtime, with them; `fail` makes it refuse like the real core."""
 
     def __init__(self, metadata, fail: str | None = None):
         self.metadata = dict(metadata)
@@ -35,17 +37,16 @@ class StubModel:
         self.session = SimpleNamespace(get_providers=lambda: ["CPUExecutionProvider"])
         self.fail, self.calls = fail, 0
 
-    def calibrate(self, kspace, mask, calibration, reference_lines):
-        return compressed_maps(calibration[:, reference_run(reference_lines)], kspace.shape[1:], self.virtual_coils)
-
-    def reconstruct_image(self, kspace, mask, calibration, reference_lines, maps=None):
+    def reconstruct_slice(self, kspace, mask, reference_kspace, reference_lines):
         self.calls += 1
-        self.maps_given = maps is not None
         if self.fail:
             raise ValueError(self.fail)
-        matrix, coil_maps = maps if maps is not None else self.calibrate(kspace, mask, calibration, reference_lines)
+        block, _, _ = reference_block(kspace, mask, reference_kspace, reference_lines)
+        matrix, coil_maps = compressed_maps(block, kspace.shape[1:], self.virtual_coils)
         measured = compress(kspace * mask[None, :, None], matrix)
-        return sense_tikhonov(ifftc(measured, axes=(-1,)), mask, coil_maps, lam=1e-3, iterations=40)
+        image = sense_tikhonov(ifftc(measured, axes=(-1,)), mask, coil_maps, lam=1e-3, iterations=40)
+        return SliceReconstruction(np.abs(image).astype(np.float32), mask, measured, matrix, image=image,
+                                   maps=coil_maps)
 
 
 class Context:
@@ -221,9 +222,18 @@ def test_pisf_compare_chain_sends_two_series_with_signals(server, tmp_path):
     assert by_series[3][0].meta["PISF_ScaleFactor"] != by_series[2][0].meta["PISF_ScaleFactor"]
 
 
-def test_espirit_runs_once_per_slice_on_contract_2(stage):
-    """The maps the residual uses are the core's own calibration, handed back to it."""
-    recon, model = stage()
+def test_espirit_runs_once_per_slice_on_contract_2(stage, monkeypatch):
+    """The side-by-side SENSE image reuses the compression and maps the core calibrated (and its
+    residual used): the classical core runs no ESPIRiT of its own on a PISF slice."""
+    from gadgets import classical
+    calls = []
+    monkeypatch.setattr(classical, "compressed_maps", lambda *a, **k: calls.append(1) or compressed_maps(*a, **k))
+    recon, model = stage(side_by_side="sense")
     kspace, mask, lines = scan()
     _, images = run(recon, slice_item(kspace, mask, lines))
-    assert model.maps_given and images[0].meta["PISF_Method"] == "PISF"
+    assert model.calls == 1 and calls == []
+    assert [i.meta["PISF_Method"] for i in images] == ["PISF", "SENSE"]
+    assert float(images[0].meta["PISF_DiffToClassical"]) < 0.1   # the stub is SENSE on the same maps
+    recon, _ = stage({**RANGES, "trained_acceleration_max": "2"}, side_by_side="sense")
+    run(recon, slice_item(kspace, mask, lines))                  # a fallback slice calibrates itself
+    assert len(calls) == 1

@@ -10,14 +10,16 @@ No torch import here.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
-from .calibration import MIN_REFERENCE_LINES, compressed_maps, reference_run
+from .calibration import compressed_maps
 from .coils import coil_compression_matrix, compress, normalisation_scale, root_sum_of_squares
 from .fft import fftc, ifftc
+from .quality import coil_residual, sense_residual
+from .reference import MIN_ACS_BLOCK_LINES, MIN_CALIBRATION_REFERENCE_LINES, reference_block, reference_run
 
-MIN_ACS_LINES = 4
 # contract -> (input names, output name); models/CONTRACT.md
 CONTRACTS = {"1": (("kspace", "mask"), "kspace_out"),
              "2": (("kspace", "mask", "sens"), "image")}
@@ -29,12 +31,32 @@ class ModelContractError(ValueError):
 
 def calibration_lines(mask: np.ndarray) -> np.ndarray:
     """Boolean [ny]: the contiguous sampled run through the centre (the ACS block) when it has at
-    least MIN_ACS_LINES lines, otherwise every sampled line (CONTRACT.md: ACS if present)."""
+    least MIN_ACS_BLOCK_LINES lines, otherwise every sampled line (CONTRACT.md: ACS if present)."""
     sampled = np.asarray(mask) > 0.5
     if not sampled[sampled.shape[0] // 2]:
         return sampled
     run = reference_run(sampled)                  # the run through the centre
-    return run if run.sum() >= MIN_ACS_LINES else sampled
+    return run if run.sum() >= MIN_ACS_BLOCK_LINES else sampled
+
+
+@dataclass
+class SliceReconstruction:
+    """One slice through the inference core, with what its quality signals need: the data the
+    network saw and, per contract, the model in which the image explains them."""
+    magnitude: np.ndarray                  # float32 [ky, kx]: the image
+    mask: np.ndarray                       # float32 [ky]: the sampled lines (0 / 1)
+    measured: np.ndarray                   # complex64 [V, ky, kx]: compressed k-space on them (unscaled)
+    compression: np.ndarray                # [V, coils]: the coil compression applied
+    image: np.ndarray | None = None        # contract 2: complex coil-combined image [ky, kx]
+    maps: np.ndarray | None = None         # contract 2: ESPIRiT maps of the virtual coils [V, ky, kx]
+    coil_images: np.ndarray | None = None  # contract 1: virtual-coil images [V, ky, kx]
+
+    def data_consistency(self) -> float:
+        """||M F(x) - y|| / ||y|| on the sampled lines: x the coil images S x of the model's own
+        SENSE model (contract 2), or the virtual-coil images (contract 1)."""
+        if self.maps is not None:
+            return sense_residual(self.image, self.maps, self.measured, self.mask)
+        return coil_residual(self.coil_images, self.measured, self.mask)
 
 
 def reflect_ky(rows: np.ndarray) -> np.ndarray:
@@ -92,17 +114,24 @@ class PisfReconstructor:
         self.output_device = "cuda" if gpu else "cpu"
 
     # ---------------------------------------------------------------- contract preprocessing
-    def preprocess(self, kspace: np.ndarray, mask: np.ndarray, calibration: np.ndarray | None = None):
-        """K[coils, ky, kx], mask[ky] -> (rows [kx, 2C, ny], scale, compressed masked K[C, ky, kx])."""
+    def preprocess(self, kspace: np.ndarray, mask: np.ndarray, compression_samples: np.ndarray | None = None):
+        """Contract 1: K[coils, ky, kx], mask[ky] -> (rows [kx, 2C, ny], scale, compressed masked
+        K[C, ky, kx]). compression_samples [coils, ...]: the samples the coil compression is fitted
+        on (default: `calibration_lines` of the data)."""
+        rows, scale, measured, _ = self._contract_1_inputs(kspace, mask, compression_samples)
+        return rows, scale, measured
+
+    def _contract_1_inputs(self, kspace, mask, compression_samples):
+        """preprocess's result and the compression matrix [C, coils]."""
         kspace = np.asarray(kspace, dtype=np.complex64)
         mask = (np.asarray(mask) > 0.5).astype(np.float32)
-        if calibration is None:
-            calibration = kspace[:, calibration_lines(mask), :]
-        matrix = coil_compression_matrix(np.asarray(calibration, dtype=np.complex64), self.coils)
+        if compression_samples is None:
+            compression_samples = kspace[:, calibration_lines(mask), :]
+        matrix = coil_compression_matrix(np.asarray(compression_samples, dtype=np.complex64), self.coils)
         measured = compress(kspace * mask[None, :, None], matrix)
         scale = normalisation_scale(measured, mask)
         hybrid = ifftc(measured, axes=(-1,)) / scale                     # [C, ky, x]
-        return to_rows(hybrid), scale, measured
+        return to_rows(hybrid), scale, measured, matrix
 
     def run_rows(self, rows: np.ndarray, row_masks: np.ndarray, *extra: np.ndarray) -> np.ndarray:
         """The ONNX model on rows [n, 2C, ny] with masks [n, 1, ny] (and, contract 2, maps
@@ -132,73 +161,97 @@ class PisfReconstructor:
         return binding.copy_outputs_to_cpu()[0]
 
     # ---------------------------------------------------------------- reconstruction
+    # The reference data of a slice come in one of two forms, each with its own parameter:
+    # reference_kspace [coils, ky, kx] with reference_lines [ky] (the scan's reference lines on the
+    # k-space grid; both contracts), or compression_samples [coils, ...] (contract 1's low-level
+    # calls: only the samples the coil compression is fitted on).
     def reconstruct_coils(self, kspace: np.ndarray, mask: np.ndarray,
-                          calibration: np.ndarray | None = None) -> np.ndarray:
-        """Virtual-coil images [C, ky, kx] (complex64) of one slice, 1D mask along ky."""
-        rows, scale, _ = self.preprocess(kspace, mask, calibration)
+                          compression_samples: np.ndarray | None = None) -> np.ndarray:
+        """Contract 1: virtual-coil images [C, ky, kx] (complex64) of one slice, 1D mask along ky."""
+        return self._reconstruct_coils(kspace, mask, compression_samples).coil_images
+
+    def _reconstruct_coils(self, kspace, mask, compression_samples) -> SliceReconstruction:
+        rows, scale, measured, matrix = self._contract_1_inputs(kspace, mask, compression_samples)
         ny = rows.shape[-1]
-        row_masks = np.broadcast_to((np.asarray(mask) > 0.5).astype(np.float32)[None, None],
-                                    (rows.shape[0], 1, ny)).copy()
+        sampled = (np.asarray(mask) > 0.5).astype(np.float32)
+        row_masks = np.broadcast_to(sampled[None, None], (rows.shape[0], 1, ny)).copy()
         hybrid = from_rows(self.run_rows(rows, row_masks), self.coils) * scale   # [C, ky, x]
-        return ifftc(hybrid, axes=(-2,))
+        coil_images = ifftc(hybrid, axes=(-2,))
+        return SliceReconstruction(root_sum_of_squares(coil_images).astype(np.float32), sampled, measured, matrix,
+                                   coil_images=coil_images)
+
+    def reconstruct_slice(self, kspace: np.ndarray, mask: np.ndarray,
+                          reference_kspace: np.ndarray | None = None,
+                          reference_lines: np.ndarray | None = None) -> SliceReconstruction:
+        """One 1D-undersampled slice K[coils, ky, kx] (mask [ky]) with its reference lines
+        (reference_kspace [coils, ky, kx] whose reference_lines [ky] hold them; without them the
+        fully sampled centre run of the data): the image and what its quality signals need.
+        Contract 1 fits its coil compression on every reference line, contract 2 calibrates
+        compression and coil maps on their run through the centre (ValueError with too few)."""
+        mask = np.asarray(mask)
+        if self.contract == "2":
+            return self._reconstruct_calibrated(kspace, mask, reference_kspace, reference_lines)
+        samples = None
+        if reference_kspace is not None and reference_lines is not None:
+            samples = np.asarray(reference_kspace)[:, np.asarray(reference_lines, dtype=bool)]
+        return self._reconstruct_coils(kspace, mask, samples)
 
     def reconstruct(self, kspace: np.ndarray, mask: np.ndarray,
-                    calibration: np.ndarray | None = None,
+                    reference_kspace: np.ndarray | None = None,
                     reference_lines: np.ndarray | None = None) -> np.ndarray:
         """Coil-combined magnitude image [ky, kx] (float32) from K[coils, ky, kx] and mask.
 
-        mask [ky]: the contract path (1D undersampling along ky, kx fully sampled).
-        calibration: reference data of this slice, either samples [coils, n] (contract 1: they
-        set the coil compression) or, with reference_lines [ky], a k-space grid [coils, ky, kx]
-        whose reference_lines hold the reference lines (both contracts; contract 2 calibrates its
-        coil maps on them). Without it, the fully sampled centre run of the data is used.
-        mask [ky, kx]: 2D undersampling, contract 1 only; the 1D model runs along both axes and
-        the two k-space estimates are averaged (see reconstruct_coils_2d)."""
+        mask [ky]: the contract path (1D undersampling along ky, kx fully sampled), as
+        `reconstruct_slice`. mask [ky, kx]: 2D undersampling, contract 1 only; the 1D model runs
+        along both axes and the two k-space estimates are averaged (see reconstruct_coils_2d)."""
         mask = np.asarray(mask)
-        if self.contract == "2":
-            return np.abs(self.reconstruct_image(kspace, mask, calibration, reference_lines)).astype(np.float32)
-        if reference_lines is not None and calibration is not None:
-            calibration = np.asarray(calibration)[:, np.asarray(reference_lines, dtype=bool)]
-        if mask.ndim == 2:
-            images = self.reconstruct_coils_2d(kspace, mask, calibration)
-        else:
-            images = self.reconstruct_coils(kspace, mask, calibration)
-        return root_sum_of_squares(images).astype(np.float32)
+        if mask.ndim == 2 and self.contract != "2":
+            samples = None
+            if reference_kspace is not None and reference_lines is not None:
+                samples = np.asarray(reference_kspace)[:, np.asarray(reference_lines, dtype=bool)]
+            return root_sum_of_squares(self.reconstruct_coils_2d(kspace, mask, samples)).astype(np.float32)
+        return self.reconstruct_slice(kspace, mask, reference_kspace, reference_lines).magnitude
 
-    def calibrate(self, kspace: np.ndarray, mask: np.ndarray, calibration: np.ndarray | None = None,
+    def calibrate(self, kspace: np.ndarray, mask: np.ndarray, reference_kspace: np.ndarray | None = None,
                   reference_lines: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Contract 2's calibration (CONTRACT.md steps 1-3): (compression matrix [V, coils],
-        ESPIRiT maps [V, ky, kx]) from the reference lines; ValueError with too few of them."""
-        if calibration is None or reference_lines is None:
-            calibration, reference_lines = np.asarray(kspace) * np.asarray(mask)[None, :, None], calibration_lines(mask)
-        run = reference_run(reference_lines)
-        if run.sum() < MIN_REFERENCE_LINES:
-            raise ValueError(f"the scan carries {int(run.sum())} contiguous reference lines; the "
-                             f"scan-calibrated PISF model needs at least {MIN_REFERENCE_LINES} to "
+        ESPIRiT maps [V, ky, kx]) from the reference block; ValueError with too few lines."""
+        block, lines, _ = reference_block(kspace, mask, reference_kspace, reference_lines)
+        if lines < MIN_CALIBRATION_REFERENCE_LINES:
+            raise ValueError(f"the scan carries {lines} contiguous reference lines; the "
+                             f"scan-calibrated PISF model needs at least {MIN_CALIBRATION_REFERENCE_LINES} to "
                              "calibrate its coil maps")
-        return compressed_maps(np.asarray(calibration)[:, run, :], np.asarray(kspace).shape[1:], self.virtual_coils)
+        return compressed_maps(block, np.asarray(kspace).shape[1:], self.virtual_coils)
 
     def reconstruct_image(self, kspace: np.ndarray, mask: np.ndarray,
-                          calibration: np.ndarray | None = None,
+                          reference_kspace: np.ndarray | None = None,
                           reference_lines: np.ndarray | None = None,
                           maps: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Contract 2: complex coil-combined image [ky, kx] of one slice (1D mask along ky).
         maps: `calibrate`'s result when the caller already has it (it is the costly step)."""
+        return self._reconstruct_calibrated(kspace, mask, reference_kspace, reference_lines, maps).image
+
+    def _reconstruct_calibrated(self, kspace, mask, reference_kspace, reference_lines,
+                                maps=None) -> SliceReconstruction:
+        """Contract 2 (CONTRACT.md): calibrate, compress, normalise, run, scale back."""
         kspace = np.asarray(kspace, dtype=np.complex64)
         mask = (np.asarray(mask) > 0.5).astype(np.float32)
         if mask.ndim != 1:
             raise ValueError("the scan-calibrated PISF model reconstructs 1D-undersampled slices "
                              f"(mask along ky); got a {mask.ndim}D mask")
-        matrix, coil_maps = maps if maps is not None else self.calibrate(kspace, mask, calibration, reference_lines)
+        matrix, coil_maps = maps if maps is not None else self.calibrate(kspace, mask, reference_kspace,
+                                                                         reference_lines)
         measured = compress(kspace * mask[None, :, None], matrix)                   # [C, ky, kx]
         scale = normalisation_scale(measured, mask)
         rows = to_rows(ifftc(measured, axes=(-1,)) / scale)                         # [kx, 2C, ny]
         row_masks = np.ascontiguousarray(np.broadcast_to(mask[None, None], (rows.shape[0], 1, mask.size)))
-        image = self.run_rows(rows, row_masks, to_rows(coil_maps))                 # [kx, 2, ny]
-        return ((image[:, 0] + 1j * image[:, 1]).T * scale).astype(np.complex64)
+        output = self.run_rows(rows, row_masks, to_rows(coil_maps))                # [kx, 2, ny]
+        image = ((output[:, 0] + 1j * output[:, 1]).T * scale).astype(np.complex64)
+        return SliceReconstruction(np.abs(image).astype(np.float32), mask, measured, matrix,
+                                   image=image, maps=coil_maps)
 
     def reconstruct_coils_2d(self, kspace: np.ndarray, mask2d: np.ndarray,
-                             calibration: np.ndarray | None = None,
+                             compression_samples: np.ndarray | None = None,
                              per_row_scale: bool = True) -> np.ndarray:
         """2D-undersampled K[coils, ky, kx] with mask2d[ky, kx] (no axis fully sampled).
 
@@ -209,11 +262,11 @@ class PisfReconstructor:
         per_row_scale (the network is not scale-equivariant)."""
         kspace = np.asarray(kspace, dtype=np.complex64)
         mask2d = (np.asarray(mask2d) > 0.5).astype(np.float32)
-        if calibration is None:
+        if compression_samples is None:
             cal_y = calibration_lines(mask2d[:, mask2d.shape[1] // 2])
             cal_x = calibration_lines(mask2d[mask2d.shape[0] // 2, :])
-            calibration = kspace[:, cal_y][:, :, cal_x]
-        matrix = coil_compression_matrix(np.asarray(calibration, dtype=np.complex64), self.coils)
+            compression_samples = kspace[:, cal_y][:, :, cal_x]
+        matrix = coil_compression_matrix(np.asarray(compression_samples, dtype=np.complex64), self.coils)
         measured = compress(kspace * mask2d[None], matrix)                # [C, ky, kx]
         slice_scale = float(np.abs(ifftc(measured, axes=(-2, -1))).max()) or 1.0
         estimates = []

@@ -72,3 +72,10 @@ def reference_block(kspace: np.ndarray, mask: np.ndarray, reference_kspace: np.n
         return np.asarray(reference_kspace)[:, run], int(run.sum()), FROM_REFERENCE_LINES
     run = reference_run(np.asarray(mask) > 0.5)
     return np.asarray(kspace)[:, run], int(run.sum()), FROM_CENTRE_OF_IMAGE_LINES
+
+
+def centre_region(block: np.ndarray, lines: int, columns: int) -> np.ndarray:
+    """The central (at most) lines x columns of a reference block [C, L, nx]."""
+    _, ly, lx = block.shape
+    y0, x0 = max(0, (ly - lines) // 2), max(0, (lx - columns) // 2)
+    return block[:, y0:y0 + min(lines, ly), x0:x0 + min(columns, lx)]

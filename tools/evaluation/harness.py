@@ -55,14 +55,14 @@ def zero_filled(image_kspace: np.ndarray, mask: np.ndarray, calibration_kspace: 
 
 def model_method(model_path: str | Path, threads: int = 1, **options) -> Method:
     """An ONNX PISF model (either contract) as a method, through
-    PisfReconstructor.reconstruct(kspace, mask, calibration=calibration k-space grid,
+    PisfReconstructor.reconstruct(kspace, mask, reference_kspace=calibration k-space grid,
     reference_lines=its lines): contract 1 compresses coils on those lines, contract 2
     calibrates its coil maps on them."""
     from gadgets.numerics.pisf_inference import PisfReconstructor
     recon = PisfReconstructor(model_path, threads=threads, **options)
 
     def method(image_kspace, mask, calibration_kspace):
-        return recon.reconstruct(image_kspace, mask, calibration=calibration_kspace,
+        return recon.reconstruct(image_kspace, mask, reference_kspace=calibration_kspace,
                                  reference_lines=sampled_lines(calibration_kspace))
 
     method.metadata = dict(recon.metadata)
