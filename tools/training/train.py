@@ -115,6 +115,105 @@ def evaluate(task: Task, model, batches) -> dict:
             "val_gain_db": 10 * math.log10(err_base / max(err, 1e-30))}
 
 
+def cosine_lr(step: int, elapsed_s: float, *, lr_max: float, lr_min: float, total_steps: int,
+              limit_min: float, warmup: int = 100) -> float:
+    """Linear warm-up, then cosine decay over steps or over the time limit, whichever is
+    further along, so a time-limited run still ends at lr_min."""
+    if step < warmup:
+        return lr_max * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    if limit_min:
+        t = max(t, min(1.0, elapsed_s / (60.0 * limit_min)))
+    return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * t))
+
+
+class TrainingRun:
+    """One run's state: model, optimiser, synthesiser, step, best validation NMSE, checkpoints.
+
+    The set-up keeps the order in which the global torch RNG is drawn (seed, model init, then the
+    synthesiser's own generator), so a config gives the same run as before this class existed."""
+
+    def __init__(self, cfg: dict, out: Path, steps: int | None = None, device_name: str | None = None,
+                 time_limit_min: float | None = None):
+        import torch
+
+        from tools.training.synth import SynthConfig, Synthesizer
+
+        self.cfg, self.out = cfg, out
+        out.mkdir(parents=True, exist_ok=True)
+        threads = int(cfg.get("threads", 0) or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = pick_device(device_name or cfg.get("device", "auto"))
+        seed = int(cfg.get("seed", 0))
+        torch.manual_seed(seed)
+        self.total_steps = int(steps or cfg.get("steps", 1000))
+        self.limit_min = time_limit_min if time_limit_min is not None else float(cfg.get("time_limit_min", 0) or 0)
+
+        self.task = Task(cfg)
+        model, self.model_cfg = self.task.build(cfg["model"])
+        self.model = model.to(self.device)
+        self.synth_cfg = SynthConfig.from_dict(cfg.get("synth"))
+        self.synth_cfg.coils = getattr(self.model_cfg, "coils", self.synth_cfg.coils)
+        self.optim = torch.optim.Adam(self.model.parameters(), lr=float(cfg.get("lr", 1e-3)),
+                                      weight_decay=float(cfg.get("weight_decay", 0.0)))
+        self.lr_max, self.lr_min = float(cfg.get("lr", 1e-3)), float(cfg.get("lr_min", 1e-5))
+        self.step, self.best, self.elapsed_before = 0, float("inf"), 0.0
+        self.last_path, self.best_path = out / "last.pt", out / "best.pt"
+        self.synth = Synthesizer(self.synth_cfg, device=self.device, seed=seed)
+
+    def lr_at(self, step: int, elapsed_s: float = 0.0) -> float:
+        return cosine_lr(step, elapsed_s, lr_max=self.lr_max, lr_min=self.lr_min,
+                         total_steps=self.total_steps, limit_min=self.limit_min)
+
+    def restore(self, resume: bool, init: str | None) -> None:
+        """Weights from `init` (fresh optimiser and schedule), or everything from OUT/last.pt on resume."""
+        import torch
+        if init and not (resume and self.last_path.exists()):
+            self.model.load_state_dict(torch.load(init, map_location=self.device, weights_only=False)["model"])
+        if resume and self.last_path.exists():
+            state = torch.load(self.last_path, map_location=self.device, weights_only=False)
+            self.model.load_state_dict(state["model"])
+            self.optim.load_state_dict(state["optim"])
+            self.step, self.best = state["step"], state.get("best", self.best)
+            self.elapsed_before = state.get("elapsed_s", 0.0)
+            self.synth.gen.set_state(state["synth_rng"])
+            torch.set_rng_state(state["torch_rng"])
+
+    def save(self, path: Path, elapsed: float) -> None:
+        import torch
+        torch.save({"model": self.model.state_dict(), "optim": self.optim.state_dict(), "step": self.step,
+                    "best": self.best, "elapsed_s": elapsed, "model_cfg": self.model_cfg.to_dict(),
+                    "synth_cfg": self.synth_cfg.to_dict(), "variant": self.cfg.get("variant", "custom"),
+                    "architecture": self.task.architecture,
+                    "config": self.cfg, "device": str(self.device), "threads": torch.get_num_threads(),
+                    "synth_rng": self.synth.gen.get_state(), "torch_rng": torch.get_rng_state()}, path)
+
+    def optimisation_step(self, lr: float) -> tuple:
+        """One step on a fresh synthetic batch: (loss, per-block losses, gradient norm, batch)."""
+        import torch
+        for group in self.optim.param_groups:
+            group["lr"] = lr
+        batch = self.task.batch(self.synth)
+        outputs = self.model(*self.task.inputs(batch), return_all=True)
+        per_block = block_losses(self.task.supervised(outputs), batch["target"], batch.get("row_weight"))
+        loss = per_block.sum()
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.cfg.get("grad_clip", 1.0)))
+        self.optim.step()
+        self.step += 1
+        return loss, per_block, grad_norm, batch
+
+    def validate(self, batches: list[dict], elapsed: float) -> dict:
+        """Validation metrics; a new best NMSE is checkpointed to OUT/best.pt."""
+        metrics = evaluate(self.task, self.model, batches)
+        if metrics["val_nmse"] < self.best:
+            self.best = metrics["val_nmse"]
+            self.save(self.best_path, elapsed)
+        return metrics
+
+
 def train(cfg: dict, out: Path, resume: bool = False, steps: int | None = None,
           device_name: str | None = None, time_limit_min: float | None = None,
           progress: bool = True, init: str | None = None) -> dict:
@@ -122,116 +221,54 @@ def train(cfg: dict, out: Path, resume: bool = False, steps: int | None = None,
     from tqdm import tqdm
 
     from models.pisf_net import parameter_count
-    from tools.training.synth import SynthConfig, Synthesizer
 
-    out.mkdir(parents=True, exist_ok=True)
-    threads = int(cfg.get("threads", 0) or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
-    device = pick_device(device_name or cfg.get("device", "auto"))
-    seed = int(cfg.get("seed", 0))
-    torch.manual_seed(seed)
-    total_steps = int(steps or cfg.get("steps", 1000))
-    limit_min = time_limit_min if time_limit_min is not None else float(cfg.get("time_limit_min", 0) or 0)
-
-    task = Task(cfg)
-    model, model_cfg = task.build(cfg["model"])
-    model = model.to(device)
-    synth_cfg = SynthConfig.from_dict(cfg.get("synth"))
-    synth_cfg.coils = getattr(model_cfg, "coils", synth_cfg.coils)
-    optim = torch.optim.Adam(model.parameters(), lr=float(cfg.get("lr", 1e-3)),
-                             weight_decay=float(cfg.get("weight_decay", 0.0)))
-    lr_max, lr_min = float(cfg.get("lr", 1e-3)), float(cfg.get("lr_min", 1e-5))
-
-    def lr_at(step: int, elapsed_s: float = 0.0) -> float:
-        """Linear warm-up, then cosine decay over steps or over the time limit, whichever is
-        further along, so a time-limited run still ends at lr_min."""
-        warmup = 100
-        if step < warmup:
-            return lr_max * (step + 1) / warmup
-        t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        if limit_min:
-            t = max(t, min(1.0, elapsed_s / (60.0 * limit_min)))
-        return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * t))
-
-    step, best, elapsed_before = 0, float("inf"), 0.0
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    synth = Synthesizer(synth_cfg, device=device, seed=seed)
-    if init and not (resume and last_path.exists()):
-        model.load_state_dict(torch.load(init, map_location=device, weights_only=False)["model"])
-    if resume and last_path.exists():
-        state = torch.load(last_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optim.load_state_dict(state["optim"])
-        step, best = state["step"], state.get("best", best)
-        elapsed_before = state.get("elapsed_s", 0.0)
-        synth.gen.set_state(state["synth_rng"])
-        torch.set_rng_state(state["torch_rng"])
-
-    def save(path: Path, elapsed: float) -> None:
-        torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "step": step,
-                    "best": best, "elapsed_s": elapsed, "model_cfg": model_cfg.to_dict(),
-                    "synth_cfg": synth_cfg.to_dict(), "variant": cfg.get("variant", "custom"),
-                    "architecture": task.architecture,
-                    "config": cfg, "device": str(device), "threads": torch.get_num_threads(),
-                    "synth_rng": synth.gen.get_state(), "torch_rng": torch.get_rng_state()}, path)
-
-    val = validation_set(task, synth_cfg, device, int(cfg.get("val_seed", 999)), int(cfg.get("val_batches", 6)))
+    run = TrainingRun(cfg, out, steps=steps, device_name=device_name, time_limit_min=time_limit_min)
+    run.restore(resume, init)
+    val = validation_set(run.task, run.synth_cfg, run.device, int(cfg.get("val_seed", 999)),
+                         int(cfg.get("val_batches", 6)))
     log = open(out / "log.jsonl", "a")
     (out / "config.yaml").write_text(yaml.safe_dump(cfg))
-    print(f"device {device}, threads {torch.get_num_threads()}, params {parameter_count(model)}, "
-          f"steps {step}->{total_steps}", flush=True)
+    print(f"device {run.device}, threads {torch.get_num_threads()}, params {parameter_count(run.model)}, "
+          f"steps {run.step}->{run.total_steps}", flush=True)
 
     start = time.time()
     val_every, ckpt_every = int(cfg.get("val_every", 250)), int(cfg.get("ckpt_every", 250))
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, mininterval=5.0)
+    bar = tqdm(total=run.total_steps, initial=run.step, disable=not progress, mininterval=5.0)
     running = None
-    model.train()
-    while step < total_steps:
-        lr = lr_at(step, elapsed_before + time.time() - start)
-        for group in optim.param_groups:
-            group["lr"] = lr
-        batch = task.batch(synth)
-        outputs = model(*task.inputs(batch), return_all=True)
-        per_block = block_losses(task.supervised(outputs), batch["target"], batch.get("row_weight"))
-        loss = per_block.sum()
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.get("grad_clip", 1.0)))
-        optim.step()
-        step += 1
+    run.model.train()
+    while run.step < run.total_steps:
+        lr = run.lr_at(run.step, run.elapsed_before + time.time() - start)
+        loss, per_block, grad_norm, batch = run.optimisation_step(lr)
+        step = run.step
         final = float(per_block[-1].detach())
         running = final if running is None else 0.98 * running + 0.02 * final
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss):.2e}", final=f"{running:.2e}")
-        elapsed = elapsed_before + time.time() - start
+        elapsed = run.elapsed_before + time.time() - start
         record = None
         if step % 25 == 0:
             record = {"step": step, "loss": float(loss), "final_mse": final, "lr": lr,
                       "grad_norm": float(grad_norm), "ny": batch["ny"], "elapsed_s": round(elapsed, 1)}
-        if step % val_every == 0 or step == total_steps:
-            metrics = evaluate(task, model, val)
+        if step % val_every == 0 or step == run.total_steps:
+            metrics = run.validate(val, elapsed)
             record = (record or {"step": step, "elapsed_s": round(elapsed, 1)}) | metrics
-            if metrics["val_nmse"] < best:
-                best = metrics["val_nmse"]
-                save(best_path, elapsed)
             bar.write(f"step {step} val_nmse {metrics['val_nmse']:.4e} baseline {metrics['val_nmse_baseline']:.4e} "
                       f"gain {metrics['val_gain_db']:.2f} dB elapsed {elapsed / 60:.1f} min")
         if record:
             log.write(json.dumps(record) + "\n")
             log.flush()
         if step % ckpt_every == 0:
-            save(last_path, elapsed)
-        if limit_min and elapsed / 60 >= limit_min:
+            run.save(run.last_path, elapsed)
+        if run.limit_min and elapsed / 60 >= run.limit_min:
             bar.write(f"time limit reached at step {step}")
             break
-    elapsed = elapsed_before + time.time() - start
-    save(last_path, elapsed)
-    if not best_path.exists():
-        save(best_path, elapsed)
+    elapsed = run.elapsed_before + time.time() - start
+    run.save(run.last_path, elapsed)
+    if not run.best_path.exists():
+        run.save(run.best_path, elapsed)
     bar.close()
     log.close()
-    return {"step": step, "elapsed_s": elapsed, "best_val_nmse": best}
+    return {"step": run.step, "elapsed_s": elapsed, "best_val_nmse": run.best}
 
 
 def run(args: argparse.Namespace) -> int:
