@@ -3,14 +3,15 @@
 After the inverse FFT along the fully sampled readout, the SENSE forward model y_c = M F (s_c x)
 does not couple readout positions, so every row x of the slice is its own ny-unknown least-squares
 problem: min_x sum_c ||M F(s_c x) - y_c||^2 + lam ||x||^2. Conjugate gradients runs on all rows at
-once (one FFT along ky per coil and iteration), with each row's own step sizes. This is what
+once (one FFT along ky per coil and iteration, the shared operator sense_rows.RowSense), with each
+row's own step sizes. This is what
 BART `pics -l2` solves (same maps, same lambda up to BART's scaling), row-separably.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .fft import fftc, ifftc
+from .sense_rows import RowSense
 
 
 def sense_tikhonov(hybrid: np.ndarray, mask: np.ndarray, maps: np.ndarray, lam: float = 0.01,
@@ -22,28 +23,25 @@ def sense_tikhonov(hybrid: np.ndarray, mask: np.ndarray, maps: np.ndarray, lam: 
     maps = np.asarray(maps, dtype=np.complex64)
     diagonal = float(np.max(np.sum(np.abs(maps) ** 2, axis=0))) * sampled.mean()
     weight = np.float32(lam * max(diagonal, 1e-12))
-    conj_maps = maps.conj()
+    operator = RowSense.from_slice_maps(maps, mask)          # rows are the nx readout positions
 
-    def normal(x):
-        return np.sum(conj_maps * ifftc(fftc(maps * x[None], axes=(1,)) * sampled, axes=(1,)), axis=0) + weight * x
-
-    rhs = np.sum(conj_maps * ifftc(np.asarray(hybrid) * sampled, axes=(1,)), axis=0)
+    rhs = operator.adjoint(np.asarray(hybrid).transpose(2, 0, 1))                  # [nx, ny]
     x = np.zeros_like(rhs)
     residual = rhs.copy()
     direction = residual.copy()
-    power = np.sum(np.abs(residual) ** 2, axis=0)          # per row (readout position)
+    power = np.sum(np.abs(residual) ** 2, axis=-1, keepdims=True)   # per row (readout position)
     stop = tolerance * np.maximum(power, 1e-30)
     for _ in range(iterations):
-        curved = normal(direction)
-        alpha = power / np.maximum(np.real(np.sum(direction.conj() * curved, axis=0)), 1e-30)
+        curved = operator.normal(direction) + weight * direction
+        alpha = power / np.maximum(np.real(np.sum(direction.conj() * curved, axis=-1, keepdims=True)), 1e-30)
         x += alpha * direction
         residual -= alpha * curved
-        new_power = np.sum(np.abs(residual) ** 2, axis=0)
+        new_power = np.sum(np.abs(residual) ** 2, axis=-1, keepdims=True)
         if np.all(new_power <= stop):
             break
         direction = residual + (new_power / np.maximum(power, 1e-30)) * direction
         power = new_power
-    return x
+    return np.ascontiguousarray(x.T)
 
 
 # ----------------------------------------------------------------------------- l1-wavelet
@@ -96,14 +94,12 @@ def sense_l1_wavelet(hybrid: np.ndarray, mask: np.ndarray, maps: np.ndarray, lam
     min_x 1/2 sum_c ||M F(s_c x) - y_c||^2 + lam max|A^H y| ||W x||_1 on the complex image
     [ny, nx] from hybrid data [C, ny, nx] (ky, x), mask [ny] and unit-RSS maps [C, ny, nx]
     (step 1: ||A^H A|| <= 1 for unit-RSS maps and an orthonormal partial FFT)."""
-    sampled = (np.asarray(mask) > 0.5)[None, :, None]
-    maps = np.asarray(maps, dtype=np.complex64)
-    conj_maps = maps.conj()
+    operator = RowSense.from_slice_maps(maps, mask)          # rows are the nx readout positions
 
-    def normal(x):
-        return np.sum(conj_maps * ifftc(fftc(maps * x[None], axes=(1,)) * sampled, axes=(1,)), axis=0)
+    def normal(x):                                            # image [ny, nx]
+        return operator.normal(x.T).T
 
-    rhs = np.sum(conj_maps * ifftc(np.asarray(hybrid, dtype=np.complex64) * sampled, axes=(1,)), axis=0)
+    rhs = np.ascontiguousarray(operator.adjoint(np.asarray(hybrid, dtype=np.complex64).transpose(2, 0, 1)).T)
     threshold = float(lam * np.abs(rhs).max())
     rng = np.random.default_rng(seed)
     x = rhs.astype(np.complex64)

@@ -49,7 +49,8 @@ class RowSense:
         mask = (np.asarray(mask) > 0.5).astype(np.float32)
         mask = mask[None] if mask.ndim == 1 else mask
         self.threads = threads
-        self.maps = np.fft.ifftshift(maps, axes=-1)                        # [rows, C, ny]
+        # contiguous: np.roll keeps a transposed input's strides, and strided FFTs run slower
+        self.maps = np.ascontiguousarray(np.fft.ifftshift(maps, axes=-1))  # [rows, C, ny]
         self.conj_maps = self.maps.conj()
         self.mask = np.ascontiguousarray(np.fft.ifftshift(mask, axes=-1)[:, None, :])   # [rows|1, 1, ny]
 
