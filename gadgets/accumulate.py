@@ -30,8 +30,8 @@ class _OpenSlice:
         self.sampled = np.zeros((kz, ky), dtype=bool)
         self.calibration = None
         self.calibration_sampled = None
-        self.reference = None
-        self.reference_distance = None
+        self.line_header = None
+        self.line_header_distance = None
 
     def add_calibration(self, kz, ky, x0, data):
         if self.calibration is None:
@@ -80,7 +80,7 @@ class SliceAccumulator:
                 yield self._emit(finished, complete=True, arrival=self.context.last_arrival)
         for key in sorted(self.open):
             open_slice = self.open[key]
-            if open_slice.reference is None:  # ACS lines only: nothing to reconstruct
+            if open_slice.line_header is None:  # ACS lines only: nothing to reconstruct
                 yield Notice(f"calibration lines of {key} arrived without imaging lines: no image")
                 continue
             lines = int(open_slice.sampled.sum())
@@ -111,9 +111,9 @@ class SliceAccumulator:
         open_slice.sampled[kz, ky] = True
         # Geometry comes from the line nearest the k-space centre (all agree for 2D Cartesian).
         distance = abs(ky - self.ny // 2)
-        if open_slice.reference is None or distance < open_slice.reference_distance:
-            open_slice.reference = acquisition.getHead()
-            open_slice.reference_distance = distance
+        if open_slice.line_header is None or distance < open_slice.line_header_distance:
+            open_slice.line_header = acquisition.getHead()
+            open_slice.line_header_distance = distance
         if acquisition.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) or self._fully_sampled(open_slice):
             return self.open.pop(key)
         return None
@@ -126,5 +126,5 @@ class SliceAccumulator:
     def _emit(open_slice: _OpenSlice, complete: bool, arrival: float | None) -> KSpaceSlice:
         return KSpaceSlice(key=open_slice.key, kspace=open_slice.kspace, sampled=open_slice.sampled,
                            calibration=open_slice.calibration, calibration_sampled=open_slice.calibration_sampled,
-                           reference=open_slice.reference, complete=complete,
+                           line_header=open_slice.line_header, complete=complete,
                            last_line_time=arrival if arrival is not None else time.monotonic())

@@ -177,7 +177,7 @@ class ClassicalRecon:
         meta = dict(first.meta)
         if len(results) > 1:
             meta["PISF_ReconMs"] = f"{sum(float(r.meta['PISF_ReconMs']) for r in results):.1f}"
-        yield ReconImage(key=item.key, data=np.stack([r.magnitude for r in results]), reference=item.reference,
+        yield ReconImage(key=item.key, data=np.stack([r.magnitude for r in results]), line_header=item.line_header,
                          recon=f"{first.description}, R {float(meta['PISF_Acceleration']):.1f}", meta=meta,
                          complete=item.complete, last_line_time=item.last_line_time)
 

@@ -83,7 +83,7 @@ class ImageFinish:
         self.image_indices[series] = self.image_indices.get(series, 0) + 1
         image = ismrmrd.Image.from_array(pixels, transpose=False)
         head = image.getHead()
-        self._copy_geometry(head, recon.reference)
+        self._copy_geometry(head, recon.line_header)
         head.field_of_view = tuple(float(v) for v in enc.recon_fov_mm)
         head.image_type = ismrmrd.IMTYPE_MAGNITUDE
         head.image_index = self.image_indices[series]

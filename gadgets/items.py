@@ -48,7 +48,8 @@ class KSpaceSlice:
     sampled: bool [kz, ky], True where an imaging line was placed.
     calibration: complex64 [coils, kz, ky, kx] of every ACS line (ACS-only and
       ACS-and-imaging), or None when the scan has no ACS lines; calibration_sampled alike.
-    reference: header of a line of this slice (geometry and counters for the image).
+    line_header: header of the imaging line nearest the k-space centre (geometry and counters for
+      the image; not to be confused with the reference lines, which are `calibration`).
     complete: False when the slice was flushed at the end of the stream before its last line.
     last_line_time: time.monotonic() when its last line arrived (latency accounting).
     """
@@ -58,7 +59,7 @@ class KSpaceSlice:
     sampled: np.ndarray
     calibration: np.ndarray | None
     calibration_sampled: np.ndarray | None
-    reference: ismrmrd.AcquisitionHeader
+    line_header: ismrmrd.AcquisitionHeader
     complete: bool = True
     last_line_time: float = field(default_factory=time.monotonic)
 
@@ -75,12 +76,13 @@ class ReconImage:
 
     data: float32 or complex64 [kz, y, x] at the buffered matrix (readout possibly still wider
     than the recon matrix); the finishing stage takes magnitude and crops.
+    line_header: the slice's KSpaceSlice.line_header (geometry and counters for the image).
     recon: short name of the method (goes into the image comment), meta: extra attributes.
     """
 
     key: SliceKey
     data: np.ndarray
-    reference: ismrmrd.AcquisitionHeader
+    line_header: ismrmrd.AcquisitionHeader
     recon: str
     meta: dict[str, Any] = field(default_factory=dict)
     complete: bool = True

@@ -242,7 +242,7 @@ class PisfRecon:
                                          maps=maps if self.side_by_side == "sense" else None)
             meta["PISF_DiffToClassical"] = f"{normalised_difference(magnitude, side.magnitude):.4f}"
             meta["PISF_ClassicalMethod"] = side.meta["PISF_Method"]
-        yield ReconImage(key=item.key, data=magnitude[None], reference=item.reference,
+        yield ReconImage(key=item.key, data=magnitude[None], line_header=item.line_header,
                          recon=f"PISF {self.reconstructor.variant} ({self.model_name}), R {data.acceleration:.1f}",
                          meta=meta, complete=item.complete, last_line_time=item.last_line_time)
         if side is not None:
@@ -301,6 +301,6 @@ class PisfRecon:
         meta.update(extra or {})
         if series is not None:
             meta[SERIES_META] = str(series)
-        return ReconImage(key=item.key, data=np.stack([r.magnitude for r in results]), reference=item.reference,
+        return ReconImage(key=item.key, data=np.stack([r.magnitude for r in results]), line_header=item.line_header,
                           recon=f"{prefix}{first.description}, R {float(first.meta['PISF_Acceleration']):.1f}",
                           meta=meta, complete=item.complete, last_line_time=item.last_line_time)

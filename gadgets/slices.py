@@ -101,5 +101,5 @@ def partitions(item: KSpaceSlice, acs_as_data: bool) -> list[SliceData]:
                          None if item.calibration is None else ifftc(item.calibration, axes=(1,)).astype(np.complex64),
                          None if item.calibration_sampled is None
                          else np.broadcast_to(item.calibration_sampled.any(axis=0), item.sampled.shape),
-                         item.reference, item.complete, item.last_line_time)
+                         item.line_header, item.complete, item.last_line_time)
     return [slice_data(planes, acs_as_data, z) for z in range(nz)]

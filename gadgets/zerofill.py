@@ -24,6 +24,6 @@ class ZeroFilledRecon:
             if not isinstance(item, KSpaceSlice):
                 yield item
                 continue
-            yield ReconImage(key=item.key, data=zero_filled_image(item.kspace), reference=item.reference,
+            yield ReconImage(key=item.key, data=zero_filled_image(item.kspace), line_header=item.line_header,
                              recon="zero-filled FFT, RSS coil combination", complete=item.complete,
                              last_line_time=item.last_line_time)

@@ -111,9 +111,9 @@ class ReconDataAdapter:
                         if calibration.shape != kspace.shape:
                             raise InputError(f"the ReconData reference buffer {calibration.shape} does not match "
                                              f"its data buffer {kspace.shape} (coils, kz, ky, readout)")
-                    reference = min(headers, key=lambda pair: pair[0])[1]
-                    if not isinstance(reference, ismrmrd.AcquisitionHeader):
-                        reference = ismrmrd.AcquisitionHeader.from_buffer_copy(bytes(reference))
-                    yield KSpaceSlice(key=SliceKey.of(reference.idx), kspace=kspace, sampled=sampled,
+                    line_header = min(headers, key=lambda pair: pair[0])[1]
+                    if not isinstance(line_header, ismrmrd.AcquisitionHeader):
+                        line_header = ismrmrd.AcquisitionHeader.from_buffer_copy(bytes(line_header))
+                    yield KSpaceSlice(key=SliceKey.of(line_header.idx), kspace=kspace, sampled=sampled,
                                       calibration=calibration, calibration_sampled=calibration_sampled,
-                                      reference=reference, complete=True, last_line_time=arrival)
+                                      line_header=line_header, complete=True, last_line_time=arrival)
