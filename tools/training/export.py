@@ -3,7 +3,10 @@
 The graph follows models/CONTRACT.md, dynamic rows and ny, opset 17, DFTs as matrix products:
 contract 1 (models/pisf_net.py): inputs `kspace` [rows, 2C, ny], `mask` [rows, 1, ny], output
 `kspace_out`; contract 2 (models/pisf_sense.py): inputs `kspace`, `mask` and the coil maps
-`sens` [rows, 2C, ny], output `image` [rows, 2, ny].
+`sens` [rows, 2C, ny], output `image` [rows, 2, ny]; contract 3 (the default for the sense
+architecture, models/pisf_v3.py): only the learned regularisers as one ONNX bank, inputs `image`,
+`initial`, `block`, output `proposal`, the data consistency runs in numpy
+(gadgets/numerics/pisf_unrolled.py); its parity check runs that runtime against the torch forward.
 """
 from __future__ import annotations
 
@@ -40,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="training checkpoint (runs/NAME/best.pt or last.pt)")
     parser.add_argument("--out", required=True, help="ONNX file to write (models/pisf_fast.onnx)")
     parser.add_argument("--variant", default=None, help="pisf_variant metadata (default: from checkpoint)")
+    parser.add_argument("--contract", choices=("1", "2", "3"), default=None,
+                        help="ONNX contract (models/CONTRACT.md); default 3 for the sense architecture "
+                             "(regulariser bank, numpy data consistency), 1 for the calibration-free one")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="max abs error / max |output| allowed in the parity check")
 
@@ -134,8 +140,18 @@ def run(args: argparse.Namespace) -> int:
                 "parameters": parameter_count(model)}
     if signature.sense:
         metadata.update(trained_ranges(state))
-    path = export_model(model, args.out, metadata)
-    check = parity(model, path)
+    contract = args.contract or ("3" if signature.sense else "1")
+    if contract != signature.contract and not (signature.sense and contract == "3"):
+        print(f"contract {contract} does not fit a {type(model).__name__} checkpoint")
+        return 1
+    if contract == "3":
+        from models import pisf_v3
+        metadata.update(pisf_v3.runtime_metadata(model), contract="3")
+        path = pisf_v3.export_bank(model, args.out, metadata)
+        check = pisf_v3.parity(model, path)
+    else:
+        path = export_model(model, args.out, metadata)
+        check = parity(model, path)
     report = {"onnx": str(path), "size_bytes": path.stat().st_size, **metadata, **check}
     if not signature.sense:
         report["macs_per_pixel_ny256"] = round(macs_per_pixel(model.cfg, 256)["total"])
