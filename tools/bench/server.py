@@ -360,7 +360,8 @@ def classical_core_ms(kspace: np.ndarray) -> dict[str, float]:
     """Milliseconds of the grappa and sense chains' reconstruction core (sense_l1: the sense chain
     with `regulariser: l1`) on K[coils, ky, kx] with every acquired line as image data and the
     fully sampled centre run as reference (embedded)."""
-    from gadgets.classical import ClassicalOptions, SliceData, reconstruct_classical
+    from gadgets.classical import ClassicalOptions, reconstruct_classical
+    from gadgets.slices import SliceData
 
     mask = np.any(kspace != 0, axis=(0, 2)).astype(np.float32)
     data = SliceData(kspace, mask)

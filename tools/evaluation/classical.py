@@ -16,7 +16,8 @@ import numpy as np
 
 
 def _method(name: str, **defaults):
-    from gadgets.classical import ClassicalOptions, SliceData, reconstruct_classical
+    from gadgets.classical import ClassicalOptions, reconstruct_classical
+    from gadgets.slices import SliceData
     from tools.evaluation.datasets import sampled_lines
 
     options = ClassicalOptions(**defaults, **{k: float(v) for k, v in _env_options().items()})

@@ -13,8 +13,9 @@ from typing import Callable
 
 import numpy as np
 
+from gadgets.numerics.reference import MIN_CONVERTED_REFERENCE_LINES
+
 TICKS_PER_LINE = 4  # time stamps of array formats: one line per 10 ms (2.5 ms ticks)
-MIN_CALIBRATION_LINES = 8  # a fully sampled centre of undersampled array input shorter than this is not ACS
 
 SLICE_KEY_FIELDS = ("slice", "contrast", "phase", "repetition", "set")
 
@@ -114,7 +115,7 @@ def array_lines(images: list[ArrayImage], *, first_column: int = 0, column_range
     says so, else when any of its samples is non-zero (already undersampled input). Geometry: axial
     directions and the image's position; one line per 10 ms; cine phases spread over `rr_ms`.
     In an undersampled image the contiguous run of lines around `centre_column` (at least
-    MIN_CALIBRATION_LINES) is its embedded calibration region (flagged calibration-and-imaging).
+    MIN_CONVERTED_REFERENCE_LINES) is its embedded calibration region (flagged calibration-and-imaging).
     `stats["zero_samples"]`: the largest fraction of all-coil zero samples within the sent lines of
     an image (2D masks such as Poisson discs leave holes inside lines)."""
     import ismrmrd
@@ -147,7 +148,7 @@ def array_lines(images: list[ArrayImage], *, first_column: int = 0, column_range
                 lo -= 1
             while hi + 1 < stop and present[hi + 1]:
                 hi += 1
-            if hi - lo + 1 >= MIN_CALIBRATION_LINES:
+            if hi - lo + 1 >= MIN_CONVERTED_REFERENCE_LINES:
                 calibration[lo:hi + 1] = True
         for column in range(start, stop):
             if not present[column]:
