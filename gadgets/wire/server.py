@@ -18,6 +18,7 @@ import ssl
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ismrmrd
@@ -174,6 +175,24 @@ def _linger_close(sock: socket.socket, drain_s: float = 2.0) -> None:
         sock.close()
 
 
+@dataclass
+class _Opening:
+    """What the start of a conversation settled: the chain, the scan's context and checks, and a
+    message read ahead (the first data message, or None)."""
+    spec: ChainSpec
+    context: StreamContext
+    validator: AcquisitionValidator
+    pending: object
+
+
+@dataclass
+class _Scan:
+    """The chain of a conversation once data arrived, and whether its open slices are dropped
+    (the client is probably gone) instead of flushed."""
+    runner: _ChainRunner | None = None
+    abort: bool = False
+
+
 class ReconServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 9002, repository: ChainRepository | None = None,
                  limits: protocol.Limits = protocol.Limits(), max_connections: int = 16,
@@ -297,10 +316,9 @@ class ReconServer:
                 log.info("%s: closed", name)
 
     def _converse(self, sock: socket.socket, sender: _Sender) -> None:
+        """One client's conversation: the opening (config, header, the client's JSON), the scan,
+        then the end (open slices flushed or dropped, CLOSE with the first error)."""
         reader = protocol.MessageReader(protocol.socket_reader(sock), self.limits)
-        runner: _ChainRunner | None = None
-        error: str | None = None
-        abort = False  # drop open slices instead of flushing them (the client is probably gone)
 
         def read():
             """The next message; QUERY messages (id 6) are answered with RESPONSE (id 7) on the way."""
@@ -310,84 +328,22 @@ class ReconServer:
                     return message
                 self._answer(message, sender)
 
+        scan = _Scan()
+        error: str | None = None
         try:
-            config = read()
-            if isinstance(config, protocol.Close):
-                sender.close()  # nothing but queries (gadgetron_ismrmrd_client -Q), or nothing at all
-                return
-            if not isinstance(config, (protocol.ConfigName, protocol.ConfigText)):
-                raise InputError(f"expected a config (message id 1 or 2) first, got {type(config).__name__}")
-            if isinstance(config, protocol.ConfigName) and not is_valid_name(config.name):
-                raise ConfigError(f"config {config.name!r} is not a valid chain name")  # at once
-            header_message = read()
-            if isinstance(header_message, protocol.Close):
-                # A dependency query (gadgetron_ismrmrd_client): config then CLOSE, no header.
-                sender.close()
-                return
-            if not isinstance(header_message, protocol.Header):
-                raise InputError(f"expected the ISMRMRD header (message id 3) after the config, "
-                                 f"got {type(header_message).__name__}")
-            header = parse_header(header_message.text)
-            context = StreamContext(header=header, log=logging.getLogger(f"pisf.{sender.name}"))
-            validator = AcquisitionValidator.for_header(header)
-            # FIRE/OpenRecon: a TEXT right after the header is the client's JSON config; it may
-            # name the chain (parameters.config / customconfig) and sets stage parameters.
-            try:
-                pending = read()
-            except protocol.PeerClosed as exc:
-                if exc.mid_frame:
-                    raise
-                pending = _NOTHING
-            client_json = None
-            if isinstance(pending, protocol.Text):
-                if looks_like_json(pending.text):
-                    client_json = parse_client_json(pending.text)
-                else:
-                    log.info("%s: client says: %s", sender.name, pending.text[:500])
-                pending = None
-            spec = self._select(config, client_json, sender, context)
-            log.info("%s: chain %s, encoded %s, recon %s", sender.name, spec.name,
-                     context.encoding.encoded_matrix, context.encoding.recon_matrix)
-            if pending is _NOTHING:
-                log.info("%s: client closed before sending data", sender.name)
-                sender.close()
-                return
-            received = 0
-            while True:
-                if pending is not None:
-                    message, pending = pending, None
-                else:
-                    message = read()
-                if isinstance(message, protocol.Close):
-                    break
-                if isinstance(message, protocol.Text):
-                    log.info("%s: client says: %s", sender.name, message.text[:500])
-                    continue
-                if isinstance(message, protocol.Error):
-                    raise InputError(f"client reported an error: {message.text}")
-                if isinstance(message, ismrmrd.Waveform):
-                    continue  # physiology is not used by these chains
-                if isinstance(message, ismrmrd.Image):
-                    raise InputError("an image (message id 1022) arrived where raw data was expected")
-                if not isinstance(message, ismrmrd.Acquisition):
-                    raise InputError(f"unexpected {type(message).__name__} message during the scan")
-                validator.check(message)
-                if runner is None:
-                    runner = _ChainRunner(spec, context, sender, self.queue_size)
-                    runner.start()
-                if not runner.put(message, time.monotonic()):
-                    break  # the chain stopped with an error; it is reported below
-                received += 1
-            log.info("%s: %d acquisitions received", sender.name, received)
+            opening = self._open(read, sender)
+            if opening is None:
+                return  # the client closed before any data, and was answered
+            self._stream(read, sender, opening, scan)
         except protocol.PeerClosed as exc:
-            if runner is None and not exc.mid_frame:
+            if scan.runner is None and not exc.mid_frame:
                 log.info("%s: client closed before sending data", sender.name)
             else:
                 # The client stopped sending (it may still read: a half-close): say why, in case
                 # it listens; a client that is gone makes the send fail harmlessly.
                 error = (f"truncated frame: {exc}" if exc.mid_frame
                          else f"connection lost: {exc} before CLOSE (message id 4)")
-                abort = True
+                scan.abort = True
         except (protocol.ProtocolError, InputError, ConfigError) as exc:
             error = str(exc)
         except socket.timeout:
@@ -395,11 +351,93 @@ class ReconServer:
         except OSError as exc:
             error = f"connection error: {exc}"
             sender.peer_gone = True
+        self._end(scan, sender, error)
+
+    def _open(self, read, sender: _Sender) -> _Opening | None:
+        """Config, header and an optional client JSON -> the session's chain and context; None
+        when the client closed first (CLOSE already answered)."""
+        config = read()
+        if isinstance(config, protocol.Close):
+            sender.close()  # nothing but queries (gadgetron_ismrmrd_client -Q), or nothing at all
+            return None
+        if not isinstance(config, (protocol.ConfigName, protocol.ConfigText)):
+            raise InputError(f"expected a config (message id 1 or 2) first, got {type(config).__name__}")
+        if isinstance(config, protocol.ConfigName) and not is_valid_name(config.name):
+            raise ConfigError(f"config {config.name!r} is not a valid chain name")  # at once
+        header_message = read()
+        if isinstance(header_message, protocol.Close):
+            # A dependency query (gadgetron_ismrmrd_client): config then CLOSE, no header.
+            sender.close()
+            return None
+        if not isinstance(header_message, protocol.Header):
+            raise InputError(f"expected the ISMRMRD header (message id 3) after the config, "
+                             f"got {type(header_message).__name__}")
+        header = parse_header(header_message.text)
+        context = StreamContext(header=header, log=logging.getLogger(f"pisf.{sender.name}"))
+        validator = AcquisitionValidator.for_header(header)
+        # FIRE/OpenRecon: a TEXT right after the header is the client's JSON config; it may
+        # name the chain (parameters.config / customconfig) and sets stage parameters.
+        try:
+            pending = read()
+        except protocol.PeerClosed as exc:
+            if exc.mid_frame:
+                raise
+            pending = _NOTHING
+        client_json = None
+        if isinstance(pending, protocol.Text):
+            if looks_like_json(pending.text):
+                client_json = parse_client_json(pending.text)
+            else:
+                log.info("%s: client says: %s", sender.name, pending.text[:500])
+            pending = None
+        spec = self._select(config, client_json, sender, context)
+        log.info("%s: chain %s, encoded %s, recon %s", sender.name, spec.name,
+                 context.encoding.encoded_matrix, context.encoding.recon_matrix)
+        if pending is _NOTHING:
+            log.info("%s: client closed before sending data", sender.name)
+            sender.close()
+            return None
+        return _Opening(spec, context, validator, pending)
+
+    def _stream(self, read, sender: _Sender, opening: _Opening, scan: _Scan) -> None:
+        """The scan's messages up to CLOSE: acquisitions are checked and fed to the chain (started
+        on the first one, kept in `scan` so the end can flush it whatever happens)."""
+        pending, received = opening.pending, 0
+        while True:
+            if pending is not None:
+                message, pending = pending, None
+            else:
+                message = read()
+            if isinstance(message, protocol.Close):
+                break
+            if isinstance(message, protocol.Text):
+                log.info("%s: client says: %s", sender.name, message.text[:500])
+                continue
+            if isinstance(message, protocol.Error):
+                raise InputError(f"client reported an error: {message.text}")
+            if isinstance(message, ismrmrd.Waveform):
+                continue  # physiology is not used by these chains
+            if isinstance(message, ismrmrd.Image):
+                raise InputError("an image (message id 1022) arrived where raw data was expected")
+            if not isinstance(message, ismrmrd.Acquisition):
+                raise InputError(f"unexpected {type(message).__name__} message during the scan")
+            opening.validator.check(message)
+            if scan.runner is None:
+                scan.runner = _ChainRunner(opening.spec, opening.context, sender, self.queue_size)
+                scan.runner.start()
+            if not scan.runner.put(message, time.monotonic()):
+                break  # the chain stopped with an error; it is reported by _end
+            received += 1
+        log.info("%s: %d acquisitions received", sender.name, received)
+
+    @staticmethod
+    def _end(scan: _Scan, sender: _Sender, error: str | None) -> None:
+        runner = scan.runner
         if runner is not None:
             # Open slices are flushed (with a warning), also before an error is reported, while the
             # client can still receive them; for a client that is gone (or that stopped sending
             # mid-frame or without CLOSE) they are dropped instead of computed for nobody.
-            runner.finish(abort=abort or sender.peer_gone)
+            runner.finish(abort=scan.abort or sender.peer_gone)
             error = error or runner.error
             if runner.error and runner.error != error:
                 log.error("%s: %s", sender.name, runner.error)
