@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gadgets.numerics.calibration import espirit_maps, reference_run, sensitivities
+from gadgets.numerics.calibration import espirit_maps, sensitivities
 from gadgets.numerics.fft import fftc, ifftc
 from gadgets.numerics.sense import sense_tikhonov
 
@@ -27,18 +27,6 @@ def centre_lines(n: int, count: int) -> np.ndarray:
     lines = np.zeros(n, dtype=bool)
     lines[n // 2 - count // 2:n // 2 - count // 2 + count] = True
     return lines
-
-
-def test_reference_run_picks_the_centre_block():
-    lines = np.zeros(32, dtype=bool)
-    lines[::4] = True                 # equispaced image lines
-    lines[12:22] = True               # the reference block through the centre (16)
-    run = reference_run(lines)
-    assert run.sum() == 10 and run[12] and run[21] and not run[22]
-    off_centre = np.zeros(32, dtype=bool)
-    off_centre[2:5] = off_centre[20:28] = True
-    assert np.flatnonzero(reference_run(off_centre)).tolist() == list(range(20, 28))
-    assert reference_run(np.zeros(8, dtype=bool)).sum() == 0
 
 
 def test_espirit_maps_span_the_true_sensitivities():
