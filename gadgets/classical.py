@@ -1,11 +1,9 @@
 """Classical reconstructions beside PISF: the `grappa` and `sense` chains' stages, and the core
 that `pisf_recon` uses for its fallback and side-by-side images.
 
-Both calibrate on the slice's reference lines: every line flagged ACQ_IS_PARALLEL_CALIBRATION or
-..._AND_IMAGING (embedded ACS, a separate reference scan, interleaved calibration), the
-contiguous run through the k-space centre; without any flagged line, the fully sampled centre
-run of the image lines. Embedded ACS-only lines are image data (they are samples of this
-slice); separate and interleaved references only calibrate, unless `acs_as_data` says otherwise.
+Both calibrate on the slice's reference block (gadgets/numerics/reference.py: the run of
+reference lines through the k-space centre, else the fully sampled centre run of the image
+lines); slices are prepared (ACS lines as data or not, 3D partitions) by gadgets/slices.py.
 
 - GRAPPA (gadgets/numerics/grappa.py): kernels of 2 x 2 source lines x 5 readout taps per
   source geometry, applied row by row in hybrid space; root-sum-of-squares coil combination.
@@ -14,8 +12,6 @@ slice); separate and interleaved references only calibrate, unless `acs_as_data`
   wavelet coefficients by FISTA (`regulariser: l1`); the image is the coil-combined complex
   image, and its data-consistency residual goes into the meta.
 More than `virtual_coils` channels are SVD-compressed on the reference block first.
-3D scans undersampled along ky only (the same ky lines in every partition) are transformed
-along kz and reconstructed partition by partition.
 """
 from __future__ import annotations
 
