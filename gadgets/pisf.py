@@ -22,7 +22,7 @@ from .classical import METHODS, SERIES, classical_options, reconstruct_classical
 from .context import StreamContext
 from .finish import SERIES_META
 from .items import KSpaceSlice, Notice, ReconImage
-from .numerics.pisf_inference import PisfReconstructor
+from .numerics.pisf_inference import SCAN_CALIBRATED, PisfReconstructor
 from .numerics.quality import normalised_difference
 from .numerics.reference import MIN_CALIBRATION_REFERENCE_LINES
 from .slices import SliceData, acs_as_data_default, partitions
@@ -128,7 +128,7 @@ def guard_reasons(data: SliceData, partitions: int, reconstructor: PisfReconstru
         reasons.append(("trajectory", f"{trajectory} trajectory; the model reconstructs Cartesian data"))
     if partitions > 1:
         reasons.append(("3D", f"3D scan ({partitions} partitions); the model reconstructs 2D slices"))
-    if reconstructor.contract == "2":
+    if reconstructor.contract in SCAN_CALIBRATED:
         _, lines, _ = data.reference_block()
         if lines < MIN_CALIBRATION_REFERENCE_LINES:
             reasons.append(("reference lines", f"{lines} contiguous reference lines; the model calibrates its "

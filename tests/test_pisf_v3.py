@@ -104,3 +104,41 @@ def test_runtime_refuses_incomplete_metadata():
     with pytest.raises(ValueError, match="2 blocks but 1 block_mu"):
         UnrolledPisf(session=None, metadata={"init_lambda": "0.1", "smooth_lambda": "0.2", "block_mu": "0.1",
                                              "blocks": "2", "init_cg": "2", "block_cg": "2"})
+
+
+def _small_trained_looking_network():
+    model = build(SenseNetConfig(blocks=2, features=8, res_units=1))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv1d):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def test_contract_3_slice_equals_contract_2_slice_and_wrong_banks_are_refused(tmp_path):
+    """The same network exported as contract 2 (dense graph) and as contract 3 (bank + numpy data
+    consistency) gives the same image of a slice through PisfReconstructor (calibration included);
+    a graph claiming contract 3 with other inputs, or without the scalars, is refused."""
+    from gadgets.numerics.pisf_inference import ModelContractError, PisfReconstructor
+    from tests.test_calibration import centre_lines, synthetic_scan
+    from tools.training.export import export_model
+    model = _small_trained_looking_network()
+    v2 = PisfReconstructor(export_model(model, tmp_path / "v2.onnx", {"contract": "2", "coils": 8}), threads=1)
+    bank = pisf_v3.export_bank(model, tmp_path / "v3.onnx", {"contract": "3", "coils": 8,
+                                                             **pisf_v3.runtime_metadata(model)})
+    v3 = PisfReconstructor(bank, threads=1, max_rows_per_run=24)
+    assert v3.contract == "3" and v3.scan_calibrated and v3.input_names == ("image", "initial", "block")
+    kspace, _, _ = synthetic_scan(64, coils=8)
+    mask = np.zeros(64, np.float32)
+    mask[::3] = 1
+    mask[centre_lines(64, 16)] = 1
+    expected = v2.reconstruct_image(kspace * mask[None, :, None], mask)
+    got = v3.reconstruct_image(kspace * mask[None, :, None], mask)
+    assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+    wrong = export_model(model, tmp_path / "wrong.onnx", {"contract": "3", **pisf_v3.runtime_metadata(model)})
+    with pytest.raises(ModelContractError, match="claims contract 3 but has inputs"):
+        PisfReconstructor(wrong, threads=1)
+    bare = pisf_v3.export_bank(model, tmp_path / "bare.onnx", {"contract": "3", "coils": 8})
+    with pytest.raises(ModelContractError, match="metadata lacks"):
+        PisfReconstructor(bare, threads=1)

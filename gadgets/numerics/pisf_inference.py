@@ -5,7 +5,8 @@ iFFT, one batched ONNX run over all rows of the slice (optionally chunked), inve
 Contract 1 (calibration-free network): iFFT along ky and root-sum-of-squares of the virtual
 coils. Contract 2 (scan-calibrated network): ESPIRiT maps of the virtual coils from the scan's
 reference lines go in beside the data, and the network returns the coil-combined image.
-No torch import here.
+Contract 3 (the same network, regulariser bank only): the same calibration, and the unrolled data
+consistency runs in numpy around the bank (pisf_unrolled.py). No torch import here.
 """
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ import numpy as np
 from .calibration import compressed_maps
 from .coils import coil_compression_matrix, compress, normalisation_scale, root_sum_of_squares
 from .fft import fftc, ifftc
+from .pisf_unrolled import BANK_INPUTS, BANK_OUTPUT, REQUIRED_METADATA, UnrolledPisf
 from .quality import coil_residual, sense_residual
 from .reference import MIN_ACS_BLOCK_LINES, MIN_CALIBRATION_REFERENCE_LINES, reference_block, reference_run
 
 # contract -> (input names, output name); models/CONTRACT.md
 CONTRACTS = {"1": (("kspace", "mask"), "kspace_out"),
-             "2": (("kspace", "mask", "sens"), "image")}
+             "2": (("kspace", "mask", "sens"), "image"),
+             "3": (BANK_INPUTS, BANK_OUTPUT)}
+SCAN_CALIBRATED = ("2", "3")      # contracts that calibrate coil maps on the reference lines
 
 
 class ModelContractError(ValueError):
@@ -112,6 +116,8 @@ class PisfReconstructor:
         self.io_binding = io_binding
         gpu = self.session.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self.output_device = "cuda" if gpu else "cpu"
+        self.scan_calibrated = self.contract in SCAN_CALIBRATED
+        self.unrolled = UnrolledPisf(self.session, self.metadata, max(threads, 1)) if self.contract == "3" else None
 
     # ---------------------------------------------------------------- contract preprocessing
     def preprocess(self, kspace: np.ndarray, mask: np.ndarray, compression_samples: np.ndarray | None = None):
@@ -189,7 +195,7 @@ class PisfReconstructor:
         Contract 1 fits its coil compression on every reference line, contract 2 calibrates
         compression and coil maps on their run through the centre (ValueError with too few)."""
         mask = np.asarray(mask)
-        if self.contract == "2":
+        if self.scan_calibrated:
             return self._reconstruct_calibrated(kspace, mask, reference_kspace, reference_lines)
         samples = None
         if reference_kspace is not None and reference_lines is not None:
@@ -205,7 +211,7 @@ class PisfReconstructor:
         `reconstruct_slice`. mask [ky, kx]: 2D undersampling, contract 1 only; the 1D model runs
         along both axes and the two k-space estimates are averaged (see reconstruct_coils_2d)."""
         mask = np.asarray(mask)
-        if mask.ndim == 2 and self.contract != "2":
+        if mask.ndim == 2 and not self.scan_calibrated:
             samples = None
             if reference_kspace is not None and reference_lines is not None:
                 samples = np.asarray(reference_kspace)[:, np.asarray(reference_lines, dtype=bool)]
@@ -233,7 +239,7 @@ class PisfReconstructor:
 
     def _reconstruct_calibrated(self, kspace, mask, reference_kspace, reference_lines,
                                 maps=None) -> SliceReconstruction:
-        """Contract 2 (CONTRACT.md): calibrate, compress, normalise, run, scale back."""
+        """Contracts 2 and 3 (CONTRACT.md): calibrate, compress, normalise, run, scale back."""
         kspace = np.asarray(kspace, dtype=np.complex64)
         mask = (np.asarray(mask) > 0.5).astype(np.float32)
         if mask.ndim != 1:
@@ -243,12 +249,33 @@ class PisfReconstructor:
                                                                          reference_lines)
         measured = compress(kspace * mask[None, :, None], matrix)                   # [C, ky, kx]
         scale = normalisation_scale(measured, mask)
+        if self.contract == "3":
+            image = (self.run_unrolled(ifftc(measured, axes=(-1,)) / scale, mask, coil_maps).T * scale).astype(np.complex64)
+            return SliceReconstruction(np.abs(image).astype(np.float32), mask, measured, matrix,
+                                       image=image, maps=coil_maps)
         rows = to_rows(ifftc(measured, axes=(-1,)) / scale)                         # [kx, 2C, ny]
         row_masks = np.ascontiguousarray(np.broadcast_to(mask[None, None], (rows.shape[0], 1, mask.size)))
         output = self.run_rows(rows, row_masks, to_rows(coil_maps))                # [kx, 2, ny]
         image = ((output[:, 0] + 1j * output[:, 1]).T * scale).astype(np.complex64)
         return SliceReconstruction(np.abs(image).astype(np.float32), mask, measured, matrix,
                                    image=image, maps=coil_maps)
+
+    def run_unrolled(self, hybrid: np.ndarray, mask: np.ndarray, coil_maps: np.ndarray) -> np.ndarray:
+        """Contract 3: image rows [kx, ny] (complex64) from normalised hybrid data [C, ky, kx],
+        mask [ky] and maps [C, ky, kx]; all rows in one batch unless max_rows_per_run is set,
+        averaged with the mirrored rows if reflect_average."""
+        rows = np.ascontiguousarray(hybrid.transpose(2, 0, 1), dtype=np.complex64)     # [kx, C, ky]
+        maps = np.ascontiguousarray(coil_maps.transpose(2, 0, 1), dtype=np.complex64)
+        step = self.max_rows_per_run if self.max_rows_per_run > 0 else rows.shape[0]
+
+        def run(rows, mask, maps):
+            return np.concatenate([self.unrolled.run(rows[i:i + step], mask, maps[i:i + step])
+                                   for i in range(0, rows.shape[0], step)])
+        image = run(rows, mask, maps)
+        if self.reflect_average:
+            mirrored = run(*(np.ascontiguousarray(reflect_ky(a)) for a in (rows, mask, maps)))
+            image = 0.5 * (image + reflect_ky(mirrored))
+        return image
 
     def reconstruct_coils_2d(self, kspace: np.ndarray, mask2d: np.ndarray,
                              compression_samples: np.ndarray | None = None,
@@ -300,6 +327,10 @@ def check_contract(session, metadata: dict, model_path) -> str:
             f"model {name} claims contract {contract} but has inputs {list(found_inputs)} and outputs "
             f"{list(found_outputs)}; contract {contract} needs inputs {list(inputs)} and output "
             f"{output!r} (models/CONTRACT.md)")
+    missing = [key for key in REQUIRED_METADATA if key not in metadata] if contract == "3" else []
+    if missing:
+        raise ModelContractError(f"model {name} claims contract 3 but its metadata lacks {missing} "
+                                 "(the data consistency's scalars; models/CONTRACT.md)")
     return contract
 
 
