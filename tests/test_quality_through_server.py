@@ -8,9 +8,10 @@ from gadgets.numerics.coils import root_sum_of_squares
 from gadgets.numerics.pisf_inference import PisfReconstructor, kspace_from_coil_images
 from gadgets.wire.client import replay
 from conftest import REPO, SHARED_DATA, shipped_chain_text
-from tools.evaluation.evaluate import CENTRE_FRACTIONS, fastmri_mask, load_phantom
+from tools.evaluation.datasets import phantom_coil_images
 from tools.rawdata.kspace_stream import acquisitions_from_kspace
 from tools.evaluation.metrics import psnr, scale_match
+from tools.rawdata.masks import FASTMRI_CENTRE_FRACTIONS, fastmri_mask
 
 SHIPPED = REPO / "models" / "pisf_fast.onnx"
 
@@ -26,10 +27,10 @@ def test_server_pisf_image_scores_as_offline_evaluation(server, kind):
         pytest.skip("../shared/data is absent")
     if not SHIPPED.is_file():
         pytest.skip("models/pisf_fast.onnx not shipped")
-    coil_images = load_phantom(SHARED_DATA)
+    coil_images = phantom_coil_images(SHARED_DATA)
     kspace = kspace_from_coil_images(coil_images)
     reference = root_sum_of_squares(coil_images).astype(np.float64)
-    mask = fastmri_mask(kspace.shape[1], 4, CENTRE_FRACTIONS[4], kind, np.random.default_rng(7))
+    mask = fastmri_mask(kspace.shape[1], 4, FASTMRI_CENTRE_FRACTIONS[4], kind, np.random.default_rng(7))
 
     offline = PisfReconstructor(SHIPPED, threads=1).reconstruct(kspace, mask)
     header, acquisitions = acquisitions_from_kspace(kspace, mask)

@@ -34,6 +34,7 @@ from typing import Callable
 
 import numpy as np
 
+from tools.rawdata.masks import centre_block, evaluation_mask, separate_mask
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 EMBEDDED_ACCELERATIONS = (3, 4, 5, 6, 8)
@@ -51,8 +52,9 @@ def _fft():
 
 
 def rss(coil_images: np.ndarray) -> np.ndarray:
-    """Root-sum-of-squares over axis 0 (float64)."""
-    return np.sqrt(np.sum(np.abs(coil_images.astype(np.complex128)) ** 2, axis=0))
+    """Root-sum-of-squares over axis 0 in float64 (the runtime's, on complex128 coil images)."""
+    from gadgets.numerics.coils import root_sum_of_squares
+    return root_sum_of_squares(coil_images.astype(np.complex128))
 
 
 def normalised(kspace: np.ndarray) -> np.ndarray:
@@ -84,15 +86,19 @@ class Dataset:
 def load_phantom(data_dir: Path) -> Dataset:
     """phantom_8coil_full.mat: coil images [8, 256, 256] (h5py, fields real/imag); K = centred
     orthonormal 2D FFT; phase encode = axis 1 (as the previous evaluation and the server test)."""
-    import h5py
     path = Path(data_dir) / "phantom_8coil_full.mat"
-    with h5py.File(path, "r") as f:
-        raw = f["data"][()]
-    coil_images = (raw["real"] + 1j * raw["imag"]).astype(np.complex64)
     fftc, _ = _fft()
-    kspace = normalised(fftc(coil_images, axes=(-2, -1)))
+    kspace = normalised(fftc(phantom_coil_images(data_dir), axes=(-2, -1)))
     return Dataset("phantom", kspace, reference_from_kspace(kspace),
                    "real phantom, 8 coils, 256x256 (disc with a bar), PE = axis 1", path.name)
+
+
+def phantom_coil_images(data_dir: Path) -> np.ndarray:
+    """Coil images [8, 256, 256] complex64 of phantom_8coil_full.mat, as stored (not normalised)."""
+    import h5py
+    with h5py.File(Path(data_dir) / "phantom_8coil_full.mat", "r") as f:
+        raw = f["data"][()]
+    return (raw["real"] + 1j * raw["imag"]).astype(np.complex64)
 
 
 def load_brain16(data_dir: Path) -> Dataset:
@@ -222,44 +228,8 @@ def centre_lines(ny: int, acceleration: float) -> int:
     return int(max(2, min(base, total - MIN_OUTER_LINES)))
 
 
-def centre_block(ny: int, n: int) -> np.ndarray:
-    """Boolean [ny] with n contiguous lines about ny // 2 (start ny//2 - n//2)."""
-    block = np.zeros(ny, dtype=bool)
-    start = ny // 2 - n // 2
-    block[start:start + n] = True
-    return block
-
-
 def case_seed(dataset: str, name: str, seed: int = 0) -> int:
     return (zlib.crc32(f"{dataset}/{name}".encode()) + 7919 * seed) % (2 ** 31)
-
-
-def embedded_mask(ny: int, acceleration: float, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(mask [ny] float32, centre [ny] bool): a fully sampled centre of centre_lines(ny, R) plus
-    outer lines so that round(ny / R) lines are sampled in all. random: exactly that many,
-    drawn uniformly outside the centre. equispaced: fastMRI's equispaced-fraction rule (spacing
-    R (nc - ny) / (nc R - ny) from a random offset), which lands within a line or two."""
-    nc = centre_lines(ny, acceleration)
-    centre = centre_block(ny, nc)
-    mask = centre.astype(np.float32)
-    total = int(round(ny / acceleration))
-    if kind == "random":
-        outside = np.flatnonzero(~centre)
-        mask[rng.choice(outside, size=max(0, total - nc), replace=False)] = 1
-    elif kind == "equispaced":
-        spacing = acceleration * (nc - ny) / (nc * acceleration - ny)
-        offset = int(rng.integers(0, max(1, int(round(spacing)))))
-        mask[np.round(np.arange(offset, ny - 1, spacing)).astype(int)] = 1
-    else:
-        raise ValueError(kind)
-    return mask, centre
-
-
-def separate_mask(ny: int, acceleration: int) -> np.ndarray:
-    """Pure equispaced image mask: every R-th line, ky = ny // 2 among them."""
-    mask = np.zeros(ny, dtype=np.float32)
-    mask[(ny // 2) % acceleration::acceleration] = 1
-    return mask
 
 
 def make_cases(dataset: str, ny: int, quick: bool = False, seed: int = 0,
@@ -272,7 +242,8 @@ def make_cases(dataset: str, ny: int, quick: bool = False, seed: int = 0,
         for kind in ("equispaced", "random"):
             name = f"{kind}_R{acceleration}_embedded"
             s = case_seed(dataset, name, seed)
-            mask, centre = embedded_mask(ny, acceleration, kind, np.random.default_rng(s))
+            mask, centre = evaluation_mask(ny, acceleration, kind, centre_lines(ny, acceleration),
+                                           np.random.default_rng(s))
             cases.append(Case(dataset, name, mask, centre, True, float(acceleration), kind, s,
                               {"centre_lines": int(centre.sum())}))
     for acceleration in separate_accelerations:

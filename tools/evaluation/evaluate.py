@@ -31,7 +31,6 @@ from tools.evaluation.bart import bart_available
 from tools.rawdata.cfl import read_cfl, write_cfl  # noqa: F401  (re-exported: tools.bench.server uses write_cfl)
 from tools.evaluation.datasets import DATASETS, DEFAULT_DATA
 
-CENTRE_FRACTIONS = {4: 0.08, 6: 0.06, 8: 0.04}
 POISSON_LAMBDAS = (0.001, 0.003, 0.01, 0.03)
 POISSON2D = "brain_poisson2d"
 DEFAULT_MODEL = "models/pisf_sense.onnx"
@@ -59,36 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- legacy helpers
-def fastmri_mask(n: int, acceleration: int, centre_fraction: float, kind: str,
-                 rng: np.random.Generator) -> np.ndarray:
-    """1D mask [n] with a fully sampled centre of round(n * centre_fraction) lines and outer
-    lines such that about n / acceleration lines are sampled in total (fastMRI's random mask
-    and its equispaced-fraction variant)."""
-    centre_lines = int(round(n * centre_fraction))
-    mask = np.zeros(n, dtype=np.float32)
-    start = (n - centre_lines + 1) // 2
-    mask[start:start + centre_lines] = 1
-    if kind == "random":
-        prob = (n / acceleration - centre_lines) / (n - centre_lines)
-        mask[rng.uniform(size=n) < prob] = 1
-    elif kind == "equispaced":
-        adjusted = acceleration * (centre_lines - n) / (centre_lines * acceleration - n)
-        offset = rng.integers(0, max(1, round(adjusted)))
-        mask[np.round(np.arange(offset, n - 1, adjusted)).astype(int)] = 1
-    else:
-        raise ValueError(kind)
-    return mask
-
-
-def load_phantom(data_dir: Path) -> np.ndarray:
-    """Coil images [8, 256, 256] of phantom_8coil_full.mat (tools.evaluation.datasets.load_phantom gives
-    the normalised k-space and reference)."""
-    import h5py
-    with h5py.File(Path(data_dir) / "phantom_8coil_full.mat", "r") as f:
-        raw = f["data"][()]
-    return (raw["real"] + 1j * raw["imag"]).astype(np.complex64)
-
-
 # ----------------------------------------------------------------------------- 2D Poisson brain
 def load_brain_poisson(data_dir: Path):
     ksp = read_cfl(Path(data_dir) / "brain_8coil_poisson_ksp")                 # [1, 180, 230, 8]

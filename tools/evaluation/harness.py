@@ -39,18 +39,12 @@ Method = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 ZERO_FILLED = "zero_filled"
 
 
-def _numerics():
-    from gadgets.numerics import coils, fft
-    return fft, coils
-
-
 # ----------------------------------------------------------------------------- methods
 def zero_filled(image_kspace: np.ndarray, mask: np.ndarray, calibration_kspace: np.ndarray) -> np.ndarray:
     """RSS of the zero-filled coil images of the image lines only (reference lines of a
-    separate-reference case are not inserted)."""
-    fft, coils = _numerics()
-    data = np.asarray(image_kspace) * (np.asarray(mask) > 0.5)[None, :, None]
-    return coils.root_sum_of_squares(fft.ifftc(data, axes=(-2, -1))).astype(np.float32)
+    separate-reference case are not inserted): the runtime's zero filling as a method."""
+    from gadgets.numerics.pisf_inference import zero_filled as zero_filled_image
+    return zero_filled_image(np.asarray(image_kspace), np.asarray(mask) > 0.5)
 
 
 def model_method(model_path: str | Path, threads: int = 1, **options) -> Method:

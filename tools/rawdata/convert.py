@@ -26,8 +26,8 @@ This module then, for all formats alike:
 * writes the file under a temporary name and renames it at the end, so a failed conversion
   leaves no output file.
 
-Masks (`--undersample`, acceleration `--accel R`, centre `--acs N`, `--seed`): one ky mask per
-image, the same for every image unless stated:
+Masks (`--undersample`, acceleration `--accel R`, centre `--acs N`, `--seed`; made in
+tools/rawdata/masks.py): one ky mask per image, the same for every image unless stated:
   equispaced          every R-th line through the centre line + N centre lines (default 24)
   random              round(ny/R) lines in all: the N centre lines + uniformly drawn others
   fastmri             fastMRI's random mask: centre fraction 0.08 at R=4, 0.04 at R=8 (0.32/R
@@ -50,12 +50,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tools.rawdata.masks import CONVERSION_KINDS, conversion_mask
 from tools.rawdata.source import SLICE_KEY_FIELDS, ConvertError, Line, Source
 
 FORMATS = ("twix", "fastmri", "cmrxrecon", "bart")
-MASKS = ("equispaced", "random", "fastmri", "fastmri-equispaced", "cmrxrecon", "cmrxrecon-kt")
-DEFAULT_ACS = {"cmrxrecon": 24, "cmrxrecon-kt": 16}  # the challenges' calibration regions
-FASTMRI_CENTRE_FRACTIONS = {4: 0.08, 8: 0.04}
+MASKS = CONVERSION_KINDS
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 HOLES_IN_LINES = 0.01  # more all-coil zero samples than this inside sent lines: 2D-undersampled input
 
@@ -128,18 +127,10 @@ def read_source(path: Path, fmt: str | None, options: argparse.Namespace | None 
 
 
 # ----------------------------------------------------------------------------- masks
-def centre_block(n: int, centre: int, count: int) -> np.ndarray:
-    """Boolean [n]: `count` contiguous lines starting at centre - count // 2 (clipped to the range)."""
-    block = np.zeros(n, dtype=bool)
-    count = max(0, min(int(count), n))
-    start = min(max(centre - count // 2, 0), n - count)
-    block[start:start + count] = True
-    return block
-
-
 def ky_mask(kind: str, n: int, centre: int, accel: float, acs: int | None, rng: np.random.Generator,
             frame: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(pattern, calibration) boolean masks over n lines whose k-space centre is index `centre`.
+    """(pattern, calibration) boolean masks over n lines whose k-space centre is index `centre`
+    (tools/rawdata/masks.conversion_mask), with the converter's one-line errors.
 
     pattern: the image lines beyond the calibration region; calibration: the fully sampled
     centre. Embedded reference: image lines = pattern | calibration; separate reference: image
@@ -147,33 +138,9 @@ def ky_mask(kind: str, n: int, centre: int, accel: float, acs: int | None, rng: 
     """
     if accel < 1:
         raise ConvertError(f"--accel must be >= 1, not {accel}")
-    if kind in ("fastmri", "fastmri-equispaced"):
-        fraction = FASTMRI_CENTRE_FRACTIONS.get(int(round(accel)), 0.32 / accel) if acs is None else acs / n
-        count = int(round(n * fraction))
-    else:
-        count = DEFAULT_ACS.get(kind, 24) if acs is None else int(acs)
-    calibration = centre_block(n, centre, count)
-    count = int(calibration.sum())
-    pattern = np.zeros(n, dtype=bool)
-    step = max(1, int(round(accel)))
-    if kind in ("equispaced", "cmrxrecon"):
-        pattern[(np.arange(n) - centre) % step == 0] = True
-    elif kind == "cmrxrecon-kt":
-        pattern[(np.arange(n) - centre - frame) % step == 0] = True
-    elif kind == "random":
-        outside = np.flatnonzero(~calibration)
-        wanted = max(0, min(len(outside), int(round(n / accel)) - count))
-        pattern[rng.choice(outside, size=wanted, replace=False)] = True
-    elif kind == "fastmri":
-        probability = (n / accel - count) / max(n - count, 1)
-        pattern = rng.uniform(size=n) < probability
-    elif kind == "fastmri-equispaced":
-        spacing = accel * (count - n) / (count * accel - n) if count * accel != n else accel
-        offset = int(rng.integers(0, max(1, int(round(spacing)))))
-        pattern[np.round(np.arange(offset, n - 1, spacing)).astype(int)] = True
-    else:
+    if kind not in MASKS:
         raise ConvertError(f"unknown mask {kind!r}; known: {', '.join(MASKS)}")
-    return pattern, calibration
+    return conversion_mask(kind, n, centre, accel, acs, rng, frame)
 
 
 # ----------------------------------------------------------------------------- the stream

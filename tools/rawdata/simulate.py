@@ -25,8 +25,10 @@ import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
 
+from gadgets.numerics.coils import root_sum_of_squares
 from gadgets.numerics.fft import fftc, ifftc
 from tools.rawdata.groundtruth import GROUNDTRUTH_NAME, write_groundtruth
+from tools.rawdata.masks import simulation_lines
 
 GAMMA_HZ_PER_T = 42.577478e6
 FAT_SHIFT_PPM = -3.4
@@ -283,28 +285,6 @@ def correlated_noise(covariance, shape, rng):
 # ----------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------
-def sampling_lines(ny, accel, acs, mask_type, partial_fourier, rng):
-    """(pattern, acs) boolean masks over ky.
-
-    pattern: the undersampling pattern, restricted to ky <= ky_max (partial Fourier);
-    equispaced = every R-th line through the centre, random = same count, uniform.
-    acs: `acs` contiguous centre lines starting at ny//2 - acs//2.
-    """
-    centre = ny // 2
-    ky_max = partial_fourier_max(ny, partial_fourier)
-    candidates = np.arange(ky_max + 1)
-    equispaced = candidates[(candidates - centre) % accel == 0]
-    pattern = np.zeros(ny, bool)
-    if mask_type == "equispaced":
-        pattern[equispaced] = True
-    else:
-        pattern[rng.choice(candidates, size=len(equispaced), replace=False)] = True
-    acs_mask = np.zeros(ny, bool)
-    first = max(centre - acs // 2, 0)
-    acs_mask[first:min(first + acs, ny)] = True
-    return pattern, acs_mask
-
-
 def partial_fourier_max(ny, partial_fourier):
     """Highest ky acquired: lines 0 .. ceil(f*ny)-1."""
     return min(int(np.ceil(partial_fourier * ny - 1e-9)), ny) - 1
@@ -491,15 +471,15 @@ def simulate(out_path, *, matrix=256, coils=8, accel=4, acs=24, mask="equispaced
                 obj = water_enc + ifftc(fftc(fat_enc, axes=(-1,)) * fat_shift_ramp, axes=(-1,))
                 if p == 0:  # RSS of the coils ~1 (median) inside this slice's head
                     support = fractions.sum(axis=0) > 0.5
-                    rss_coils = np.sqrt(np.sum(np.abs(sens[:, :, crop]) ** 2, axis=0))
+                    rss_coils = root_sum_of_squares(sens[:, :, crop])
                     sens /= np.median(rss_coils[support])
                     sensitivities[s] = sens[:, :, crop]
                 coil_images = sens * obj
                 kspace = fftc(coil_images, axes=(-2, -1))
-                rss[s, p] = np.sqrt(np.sum(np.abs(coil_images[:, :, crop]) ** 2, axis=0))
+                rss[s, p] = root_sum_of_squares(coil_images[:, :, crop])
                 combined[s, p] = obj[:, crop]
 
-                pattern, acs_mask = sampling_lines(ny, accel, acs, mask, partial_fourier, rng_mask)
+                pattern, acs_mask = simulation_lines(ny, accel, acs, mask, ky_max, rng_mask)
                 acquired = np.flatnonzero(pattern | acs_mask)
                 sampled[s, p, acquired] = 1
                 lines_per_image[s, p] = len(acquired)

@@ -28,6 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gadgets.numerics.reference import MIN_ACS_BLOCK_LINES
+from tools.rawdata.masks import centre_block
+
 NATURAL_IMAGES = ("camera", "brick", "grass", "gravel", "moon", "coffee", "astronaut", "retina",
                   "text", "page", "coins", "cell", "chelsea", "hubble_deep_field", "rocket",
                   "horse", "clock")
@@ -106,7 +109,7 @@ def load_images(names=NATURAL_IMAGES, size: int = IMAGE_SIZE) -> np.ndarray:
 # ----------------------------------------------------------------------------- masks
 def calibration_lines_torch(mask: torch.Tensor) -> torch.Tensor:
     """Boolean [B, ny]: the contiguous sampled run through the centre (the ACS block) when it has
-    >= 4 lines, otherwise every sampled line. Mirrors
+    >= MIN_ACS_BLOCK_LINES lines, otherwise every sampled line. Mirrors
     gadgets.numerics.pisf_inference.calibration_lines."""
     ny = mask.shape[-1]
     sampled = mask > 0.5
@@ -118,7 +121,7 @@ def calibration_lines_torch(mask: torch.Tensor) -> torch.Tensor:
     left_gap = torch.where(unsampled & (index <= centre), index, torch.full_like(index, -1)).amax(-1)
     right_gap = torch.where(unsampled & (index >= centre), index, torch.full_like(index, big)).amin(-1)
     run = (index[None] > left_gap[:, None]) & (index[None] < right_gap[:, None])
-    use_run = run.sum(-1, keepdim=True) >= 4
+    use_run = run.sum(-1, keepdim=True) >= MIN_ACS_BLOCK_LINES
     return torch.where(use_run, run, sampled)
 
 
@@ -141,9 +144,9 @@ def make_masks(batch: int, ny: int, cfg: SynthConfig, gen: torch.Generator,
         n_acs = int(acs if acs is not None else
                     torch.randint(cfg.acs_lines[0], cfg.acs_lines[1] + 1, (1,), generator=gen))
         n_acs = max(2, min(n_acs, total, ny))
-        start = ny // 2 - n_acs // 2
-        row = torch.zeros(ny)
-        row[start:start + n_acs] = 1
+        block = centre_block(ny, n_acs)
+        start = int(np.argmax(block))
+        row = torch.from_numpy(block.astype(np.float32))
         outer = torch.nonzero(row == 0).flatten()
         n_outer = total - n_acs
         if n_outer > 0:
@@ -548,7 +551,8 @@ def smooth_noise(shape, gen: torch.Generator, width: int, device) -> torch.Tenso
 
 def sense_batch(synth: "Synthesizer", separate_reference_prob: float = 0.3,
                 map_error: tuple = (0.0, 0.05), virtual_coil_choices: tuple = (8, 12, 16),
-                separate_accelerations: tuple = (2, 4), **kwargs) -> dict:
+                separate_accelerations: tuple = (2, 4), few_coil_prob: float = 0.0,
+                few_coils: tuple = (2, 3, 4, 6), **kwargs) -> dict:
     """A training batch for the scan-calibrated network (models/pisf_sense.py).
 
     Same physics as `Synthesizer.batch`; the runtime half (gadgets/numerics/pisf_inference.py)
@@ -558,7 +562,19 @@ def sense_batch(synth: "Synthesizer", separate_reference_prob: float = 0.3,
     `map_error` relative size (calibration from a few noisy reference lines is not exact).
     The target is the clean image the maps define: sum_c conj(s_c) * clean coil image_c.
     A fraction of slices get pure equispaced masks (separate reference lines, not image data).
+    With probability `few_coil_prob` the whole batch comes from a receive array of one of
+    `few_coils` channels, undersampled at most R = channels (SENSE stays well posed: a 4-channel
+    scan at R <= 4, a 2-channel one at R <= 2), so the model learns what few coils allow instead of
+    being refused them by the guard (PISF v1/v2 runs at R >= 4 on 4 coils taught hallucination).
     """
+    if few_coil_prob > 0 and "n_coils" not in kwargs and \
+            float(torch.rand(1, generator=synth.gen)) < few_coil_prob:
+        coils = int(few_coils[int(torch.randint(len(few_coils), (1,), generator=synth.gen))])
+        top = min(float(coils), float(synth.cfg.acceleration[1]))
+        low = min(1.5, top)
+        kwargs = dict(kwargs, n_coils=coils,
+                      acceleration=low + (top - low) * float(torch.rand(1, generator=synth.gen)))
+        separate_accelerations = (2, max(2, min(coils, int(separate_accelerations[1]))))
     # the runtime compresses to up to 16 virtual coils; vary the count the network sees
     virtual_coils = int(virtual_coil_choices[int(torch.randint(len(virtual_coil_choices), (1,), generator=synth.gen))])
     raw = synth.batch(virtual_coils=virtual_coils, **kwargs)
