@@ -89,13 +89,12 @@ def test_exported_bank_and_numpy_runtime_equal_the_torch_network(tmp_path):
     path = pisf_v3.export_bank(model, tmp_path / "v3.onnx", {"contract": "3", **pisf_v3.runtime_metadata(model)})
     check = pisf_v3.parity(model, path, cases=((5, 64), (3, 97)))
     assert check["max_rel_error"] < 1e-5
-    # the regulariser bank of each block equals the torch block (BatchNorm folded)
-    bank = pisf_v3.RegulariserBank(model)
-    image, initial, _ = pisf_v3.example_inputs(3, 50, generator=torch.Generator().manual_seed(5))
+    # each block of the bank equals the torch block (BatchNorm folded, 2D-conv form)
+    image, initial = pisf_v3.example_inputs(3, 50, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        for k, block in enumerate(model.blocks):
+        for folded, block in zip(pisf_v3.folded_blocks(model), model.blocks):
             expected = block(image, initial)
-            assert torch.abs(bank(image, initial, torch.tensor(k)) - expected).max() < 1e-5 * torch.abs(expected).max()
+            assert torch.abs(folded(image, initial) - expected).max() < 1e-5 * torch.abs(expected).max()
 
 
 def test_runtime_refuses_incomplete_metadata():
