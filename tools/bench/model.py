@@ -1,10 +1,13 @@
-"""Latency of the PISF inference core on one 256x256x8 slice (numpy + onnxruntime CPU).
+"""Latency of the PISF inference core on one size x size x 8 slice (numpy + onnxruntime CPU).
 
-    pisf bench-model models/pisf_sense.onnx models/pisf_fast.onnx [--threads 2 1] [--repeats 10]
+    pisf bench-model models/pisf_v3.onnx models/pisf_sense.onnx [--threads 2 1] [--repeats 10]
+        [--sizes 128 256 384]
 
-Times `PisfReconstructor.reconstruct` end to end (compression, calibration for contract 2,
-normalisation, FFTs, the ONNX run over all 256 rows, coil combination), the ONNX run alone and,
-for contract 2, the ESPIRiT calibration alone; prints JSON (median and min seconds). The slice is
+Times `PisfReconstructor.reconstruct` end to end (compression, calibration for contracts 2 and 3,
+normalisation, FFTs, the network over all rows, coil combination), the network alone (contracts
+1, 2: the ONNX run; contract 3: the regulariser bank plus the numpy data consistency) and, for
+contracts 2 and 3, the ESPIRiT calibration alone; prints JSON (median and min seconds). Models
+and thread counts are interleaved repetition by repetition. The slice is
 a Shepp-Logan phantom seen by smooth synthetic coils (random data would keep every ESPIRiT
 kernel, an unrealistic worst case), equispaced R=4 plus 24 embedded reference lines.
 """
@@ -34,47 +37,81 @@ def phantom_slice(size: int = 256, coils: int = 8) -> np.ndarray:
     return (fftc(sens * image[None], axes=(1, 2)) + noise).astype(np.complex64)
 
 
-def bench(model_path: str, threads: int = 2, repeats: int = 10, size: int = 256, coils: int = 8,
-          acceleration: int = 4) -> dict:
-    from gadgets.numerics.calibration import espirit_maps
-    from gadgets.numerics.pisf_inference import PisfReconstructor
-
+def bench_slice(size: int, coils: int = 8, acceleration: int = 4):
+    """(k-space on the sampled lines, mask [ny], reference lines [ny]) of the benchmark slice."""
     kspace = phantom_slice(size, coils)
     mask = np.zeros(size, dtype=np.float32)
     mask[::acceleration] = 1
     lines = np.zeros(size, dtype=bool)
     lines[size // 2 - 12: size // 2 + 12] = True
     mask[lines] = 1
-    measured = kspace * mask[None, :, None]
-    recon = PisfReconstructor(model_path, threads=threads)
-    row_masks = np.ascontiguousarray(np.broadcast_to(mask[None, None], (size, 1, size)))
-    if recon.contract == "2":
-        channels = 2 * min(coils, recon.virtual_coils)
-        example = np.zeros((size, channels, size), np.float32)
-        inputs = (example, row_masks, example + np.float32(1.0 / np.sqrt(channels // 2)))
-    else:
-        inputs = (recon.preprocess(measured, mask)[0], row_masks)
-    recon.reconstruct(measured, mask)                                  # warm-up
-    total, onnx_only, calibration = [], [], []
+    return kspace * mask[None, :, None], mask, lines
+
+
+def network_part(recon, measured: np.ndarray, mask: np.ndarray):
+    """A call that times the network alone on this slice (calibration done beforehand): the ONNX
+    run over all rows (contracts 1, 2: the graph holds the data consistency), or the numpy data
+    consistency around the regulariser bank (contract 3)."""
+    from gadgets.numerics.coils import compress, normalisation_scale
+    from gadgets.numerics.fft import ifftc
+    from gadgets.numerics.pisf_inference import to_rows
+
+    size = mask.size
+    row_masks = np.ascontiguousarray(np.broadcast_to(mask[None, None], (measured.shape[2], 1, size)))
+    if not recon.scan_calibrated:
+        rows = recon.preprocess(measured, mask)[0]
+        return lambda: recon.run_rows(rows, row_masks)
+    matrix, maps = recon.calibrate(measured, mask)
+    data = compress(measured, matrix)
+    hybrid = ifftc(data, axes=(-1,)) / normalisation_scale(data, mask)
+    if recon.contract == "3":
+        return lambda: recon.run_unrolled(hybrid, mask, maps)
+    rows, sens = to_rows(hybrid), to_rows(maps)
+    return lambda: recon.run_rows(rows, row_masks, sens)
+
+
+def bench(model_paths: list[str], threads_list: list[int], repeats: int = 10, size: int = 256,
+          coils: int = 8, acceleration: int = 4, max_rows_per_run: int = 0) -> list[dict]:
+    """Every (model, threads) on the same slice, interleaved repetition by repetition (the
+    machine may be shared: each configuration sees the same background load)."""
+    from gadgets.numerics.calibration import espirit_maps
+    from gadgets.numerics.pisf_inference import PisfReconstructor
+
+    measured, mask, lines = bench_slice(size, coils, acceleration)
+    configs = []
+    for path in model_paths:
+        for threads in threads_list:
+            recon = PisfReconstructor(path, threads=threads, max_rows_per_run=max_rows_per_run)
+            recon.reconstruct(measured, mask)                                  # warm-up
+            configs.append({"model": path, "threads": threads, "recon": recon,
+                            "network": network_part(recon, measured, mask), "total": [], "net": [], "cal": []})
     for _ in range(repeats):
-        start = time.perf_counter()
-        recon.reconstruct(measured, mask)
-        total.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        recon.run_rows(*inputs)
-        onnx_only.append(time.perf_counter() - start)
-        if recon.contract == "2":
+        for config in configs:
+            recon = config["recon"]
             start = time.perf_counter()
-            espirit_maps(kspace[:min(coils, recon.virtual_coils), lines], (size, size))
-            calibration.append(time.perf_counter() - start)
-    result = {"model": model_path, "variant": recon.variant, "contract": recon.contract,
-              "threads": threads, "slice": f"{size}x{size}x{coils}",
-              "reconstruct_median_s": float(np.median(total)), "reconstruct_min_s": float(np.min(total)),
-              "onnx_median_s": float(np.median(onnx_only)), "onnx_min_s": float(np.min(onnx_only)),
-              "repeats": repeats}
-    if calibration:
-        result["calibration_median_s"] = float(np.median(calibration))
-    return result
+            recon.reconstruct(measured, mask)
+            config["total"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            config["network"]()
+            config["net"].append(time.perf_counter() - start)
+            if recon.scan_calibrated:
+                start = time.perf_counter()
+                espirit_maps(measured[:min(coils, recon.virtual_coils), lines], (size, size))
+                config["cal"].append(time.perf_counter() - start)
+    results = []
+    for config in configs:
+        recon = config["recon"]
+        result = {"model": config["model"], "variant": recon.variant, "contract": recon.contract,
+                  "threads": config["threads"], "slice": f"{size}x{size}x{coils}",
+                  "reconstruct_median_s": float(np.median(config["total"])),
+                  "reconstruct_min_s": float(np.min(config["total"])),
+                  # contracts 1, 2: the ONNX run; contract 3: ONNX bank + numpy data consistency
+                  "network_median_s": float(np.median(config["net"])), "network_min_s": float(np.min(config["net"])),
+                  "repeats": repeats}
+        if config["cal"]:
+            result["calibration_median_s"] = float(np.median(config["cal"]))
+        results.append(result)
+    return results
 
 
 def bench_bart(repeats: int = 3, size: int = 256, coils: int = 8, acceleration: int = 4) -> dict:
@@ -114,14 +151,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="onnxruntime thread counts")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per model and thread count")
     parser.add_argument("--bart", action="store_true", help="also time BART ecalib + pics on the same slice")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256], help="slice sizes (size x size x 8 coils)")
+    parser.add_argument("--max-rows-per-run", type=int, default=0,
+                        help="rows per network run (0: all rows of the slice in one run)")
 
 
 def run(args: argparse.Namespace) -> int:
     from gadgets import limit_blas_threads
     limit_blas_threads()          # as in the server (OpenBLAS threads thrash on small matrices)
-    for model in args.models:
-        for threads in args.threads:
-            print(json.dumps(bench(model, threads, args.repeats)), flush=True)
+    for size in args.sizes:
+        for result in bench(args.models, args.threads, args.repeats, size, max_rows_per_run=args.max_rows_per_run):
+            print(json.dumps(result), flush=True)
     if args.bart:
         import shutil
         if shutil.which("bart") is None:
