@@ -32,6 +32,7 @@ import contextlib
 import io
 import struct
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -199,43 +200,72 @@ def quaternion_directions(quaternion) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 # ----------------------------------------------------------------------------- source
 def read_twix_source(path: Path, measurement: int | None = None) -> Source:
-    import ismrmrd
-    import ismrmrd.xsd as xsd
-
-    measurements = read_twix(Path(path))
-    if measurement is None:
-        index = len(measurements) - 1
-    elif 1 <= measurement <= len(measurements):
-        index = measurement - 1
-    else:
-        raise ConvertError(f"--measurement {measurement}: the file holds {len(measurements)} measurement(s)")
+    """The Source of one measurement (default: the last) of a twix file: readouts sorted into
+    noise / reference / image / other, a header from the protocol and the data, and the lines."""
+    path = Path(path)
+    measurements = read_twix(path)
+    index = _measurement_index(measurements, measurement)
     scan = measurements[index]
     hdr = scan["hdr"]
     yaps, meas, dicom = hdr["MeasYaps"], hdr["Meas"], hdr.get("Dicom", {})
     warnings: list[str] = []
     version = "VD/VE" if "raidfile_hdr" in scan else "VB"
 
-    def flag(mdb, name):
-        return mdb.is_flag_set(name)
+    readouts = _sort_readouts(measurements, index, path)
+    matrix = _matrix(meas, yaps, readouts, warnings, path)
+    encoding = _encoding(matrix, meas, yaps, readouts, warnings)
+    header = _header(encoding, yaps, meas, dicom, readouts, warnings)
+    dwell_ns = _number((_get(yaps, "sRXSPEC", "alDwellTime") or [0])[0], 0.0) or 0.0
+    lines, geometry_failed = _lines(readouts, dwell_ns / 1000.0 if dwell_ns else 0.0, version == "VB", path)
+    if geometry_failed:
+        warnings.append("some lines carry no valid slice orientation: axial directions written for them")
+    model = str(dicom.get("ManufacturersModelName") or "Siemens")
+    description = (f"Siemens twix {version} ({model}, {dicom.get('SoftwareVersions', '').strip() or 'unknown software'}), "
+                   f"measurement {index + 1} of {len(measurements)}: {readouts.coils} coils, {matrix.samples} samples "
+                   f"per line, readout oversampling {matrix.oversampling:g}")
+    return Source("twix", description, header, lines, warnings)
 
-    def kind_of(mdb) -> str:
-        if flag(mdb, "NOISEADJSCAN"):
-            return "noise"
-        if any(flag(mdb, name) for name in OTHER_FLAGS):
-            return "other"
-        if flag(mdb, "PATREFSCAN") and not flag(mdb, "PATREFANDIMASCAN"):
-            return "reference"
-        return "image"
 
+def _measurement_index(measurements: list[dict], measurement: int | None) -> int:
+    if measurement is None:
+        return len(measurements) - 1
+    if 1 <= measurement <= len(measurements):
+        return measurement - 1
+    raise ConvertError(f"--measurement {measurement}: the file holds {len(measurements)} measurement(s)")
+
+
+def _kind_of(mdb) -> str:
+    """noise, other (phase correction, feedback, dummy), reference (PATREFSCAN only) or image."""
+    if mdb.is_flag_set("NOISEADJSCAN"):
+        return "noise"
+    if any(mdb.is_flag_set(name) for name in OTHER_FLAGS):
+        return "other"
+    if mdb.is_flag_set("PATREFSCAN") and not mdb.is_flag_set("PATREFANDIMASCAN"):
+        return "reference"
+    return "image"
+
+
+@dataclass
+class Readouts:
+    """The readouts of one measurement, sorted."""
+    noise: list          # noise lines of earlier noise-only measurements
+    mdbs: list           # every readout of the measurement (no SYNCDATA/ACQEND), in order
+    kinds: list[str]     # _kind_of each of mdbs
+    data: list           # image and reference readouts
+    image: list          # image readouts
+    coils: int
+
+
+def _sort_readouts(measurements: list[dict], index: int, path: Path) -> Readouts:
     # Noise: the image measurement's own noise lines, and earlier measurements made only of noise
     # (a separate noise-adjust scan of a multi-raid file).
     noise_mdbs = []
     for earlier in measurements[:index]:
-        lines = [m for m in earlier["mdb"] if not any(flag(m, n) for n in NOT_LINES)]
-        if lines and all(flag(m, "NOISEADJSCAN") for m in lines):
+        lines = [m for m in earlier["mdb"] if not any(m.is_flag_set(n) for n in NOT_LINES)]
+        if lines and all(m.is_flag_set("NOISEADJSCAN") for m in lines):
             noise_mdbs.extend(lines)
-    mdbs = [m for m in scan["mdb"] if not any(flag(m, n) for n in NOT_LINES)]
-    kinds = [kind_of(m) for m in mdbs]
+    mdbs = [m for m in measurements[index]["mdb"] if not any(m.is_flag_set(n) for n in NOT_LINES)]
+    kinds = [_kind_of(m) for m in mdbs]
     data_mdbs = [m for m, k in zip(mdbs, kinds) if k in ("image", "reference")]
     image_mdbs = [m for m, k in zip(mdbs, kinds) if k == "image"]
     if not image_mdbs:
@@ -243,14 +273,32 @@ def read_twix_source(path: Path, measurement: int | None = None) -> Source:
     coils = {int(m.mdh.UsedChannels) for m in data_mdbs}
     if len(coils) > 1:
         raise ConvertError(f"{path}: lines with different channel counts {sorted(coils)}")
-    coils = coils.pop()
     for m in data_mdbs[-1:]:
         try:
             m.data
         except ValueError:
             raise ConvertError(f"{path}: truncated twix file: the last readout's samples are cut off") from None
+    return Readouts(noise_mdbs, mdbs, kinds, data_mdbs, image_mdbs, coils.pop())
 
-    # ---- matrix and encoding limits: protocol where the data agree with it, else the data
+
+@dataclass
+class Matrix:
+    """Encoded matrix and ky/kz limits (protocol where the data agree with it, else the data)."""
+    nx: int
+    ny: int
+    nz: int
+    samples: int
+    oversampling: float
+    fits_y: bool           # the protocol's line count describes the data
+    ky_min: int
+    ky_max: int
+    ky_centre: int
+    partitions: list[int]
+    kz_centre: int
+
+
+def _matrix(meas: dict, yaps: dict, readouts: Readouts, warnings: list[str], path: Path) -> Matrix:
+    data_mdbs, image_mdbs = readouts.data, readouts.image
     oversampling = _number(meas.get("flReadoutOSFactor"), 2.0) or 2.0
     samples = max(int(m.mdh.SamplesInScan) for m in data_mdbs)
     centre_col = Counter(int(m.mdh.CenterCol) for m in data_mdbs).most_common(1)[0][0]
@@ -282,7 +330,15 @@ def read_twix_source(path: Path, measurement: int | None = None) -> Source:
     centre_par = Counter(int(m.mdh.CenterPar) for m in image_mdbs).most_common(1)[0][0] if nz > 1 else 0
     if nz > 1 and centre_par == 0:
         centre_par = nz // 2
+    return Matrix(nx, ny, nz, samples, oversampling, fits_y, ky_min, ky_max, centre_lines, partitions, centre_par)
 
+
+def _encoding(matrix: Matrix, meas: dict, yaps: dict, readouts: Readouts, warnings: list[str]):
+    """The ISMRMRD encoding: encoded and recon space (FOV, oversampling), limits, parallel imaging."""
+    import ismrmrd.xsd as xsd
+
+    data_mdbs = readouts.data
+    nx, ny, nz, oversampling = matrix.nx, matrix.ny, matrix.nz, matrix.oversampling
     slice_info = (_get(yaps, "sSliceArray", "asSlice") or [{}])[0]
     readout_fov = _number(slice_info.get("dReadoutFOV"))
     phase_fov = _number(slice_info.get("dPhaseFOV"))
@@ -292,7 +348,7 @@ def read_twix_source(path: Path, measurement: int | None = None) -> Source:
         warnings.append("the twix protocol has no field of view: 256 mm assumed")
     recon_x = max(1, int(round(nx / oversampling)))
     phase_os = _number(meas.get("flPhaseOS"), 0.0) or 0.0
-    phase_os = phase_os if 0 < phase_os < 1 and fits_y else 0.0
+    phase_os = phase_os if 0 < phase_os < 1 and matrix.fits_y else 0.0
     recon_y = int(round(ny / (1 + phase_os))) if phase_os else ny
 
     def counter_limit(values, centre=0):
@@ -309,8 +365,9 @@ def read_twix_source(path: Path, measurement: int | None = None) -> Source:
             fieldOfView_mm=xsd.fieldOfViewMm(x=readout_fov, y=phase_fov, z=thickness)),
         encodingLimits=xsd.encodingLimitsType(
             kspace_encoding_step_0=xsd.limitType(minimum=0, maximum=nx - 1, center=nx // 2),
-            kspace_encoding_step_1=xsd.limitType(minimum=ky_min, maximum=ky_max, center=centre_lines),
-            kspace_encoding_step_2=xsd.limitType(minimum=min(partitions), maximum=max(partitions), center=centre_par),
+            kspace_encoding_step_1=xsd.limitType(minimum=matrix.ky_min, maximum=matrix.ky_max, center=matrix.ky_centre),
+            kspace_encoding_step_2=xsd.limitType(minimum=min(matrix.partitions), maximum=max(matrix.partitions),
+                                                 center=matrix.kz_centre),
             slice=counter_limit(m.cSlc for m in data_mdbs), contrast=counter_limit(m.cEco for m in data_mdbs),
             phase=counter_limit(m.cPhs for m in data_mdbs), repetition=counter_limit(m.cRep for m in data_mdbs),
             set=counter_limit(m.cSet for m in data_mdbs), average=counter_limit(m.cAve for m in data_mdbs),
@@ -326,6 +383,12 @@ def read_twix_source(path: Path, measurement: int | None = None) -> Source:
                 kspace_encoding_step_1=int(_number(pat.get("lAccelFactPE"), 1) or 1),
                 kspace_encoding_step_2=int(_number(pat.get("lAccelFact3D"), 1) or 1)),
             calibrationMode=mode.get(int(_number(pat.get("ucRefScanMode"), 0) or 0), xsd.calibrationModeType.OTHER))
+    return encoding
+
+
+def _header(encoding, yaps: dict, meas: dict, dicom: dict, readouts: Readouts, warnings: list[str]):
+    """The ISMRMRD header: the encoding plus system, frequency, patient position and sequence timing."""
+    import ismrmrd.xsd as xsd
 
     frequency = _number(dicom.get("lFrequency")) or _number(_get(yaps, "sTXSPEC", "asNucleusInfo", default=[{}])[0].get("lFrequency"))
     field = _number(dicom.get("flMagneticFieldStrength")) or _number(_get(yaps, "sProtConsistencyInfo", "flNominalB0"))
@@ -341,87 +404,86 @@ def read_twix_source(path: Path, measurement: int | None = None) -> Source:
     header = xsd.ismrmrdHeader(
         version=1,
         measurementInformation=xsd.measurementInformationType(
-            measurementID=str(dicom.get("DeviceSerialNumber", "")).split(".")[0] + f"_{int(image_mdbs[0].mdh.MeasUID)}",
+            measurementID=str(dicom.get("DeviceSerialNumber", "")).split(".")[0] + f"_{int(readouts.image[0].mdh.MeasUID)}",
             patientPosition=xsd.patientPositionType(position) if position in PATIENT_POSITIONS else xsd.patientPositionType.HFS,
             protocolName=protocol),
         acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
             systemVendor=str(dicom.get("Manufacturer") or "SIEMENS"), systemModel=str(dicom.get("ManufacturersModelName") or ""),
-            systemFieldStrength_T=field, receiverChannels=coils),
+            systemFieldStrength_T=field, receiverChannels=readouts.coils),
         experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=int(round(frequency))),
         encoding=[encoding],
         sequenceParameters=xsd.sequenceParametersType(TR=tr, TE=te, flipAngle_deg=flip),
     )
     if position not in PATIENT_POSITIONS:
         warnings.append(f"patient position {position or 'missing'} in the twix protocol: HFS written")
+    return header
 
-    # ---- lines
-    dwell_ns = _number((_get(yaps, "sRXSPEC", "alDwellTime") or [0])[0], 0.0) or 0.0
-    sample_time_us = dwell_ns / 1000.0 if dwell_ns else 0.0
-    geometry_failed = []
 
-    def make(mdb, kind, noise_dwell_us):
-        def build():
-            data = np.asarray(mdb.data, dtype=np.complex64)
-            if data.ndim != 2 or data.shape[0] != mdb.mdh.UsedChannels:
-                raise ConvertError(f"{path}: readout {mdb.mdh.ScanCounter} has malformed data {data.shape}")
-            reflect = mdb.is_flag_set("REFLECT")
-            if reflect:
-                data = data[:, ::-1]
-            acquisition = ismrmrd.Acquisition.from_array(np.ascontiguousarray(data))
-            head = acquisition.getHead()
-            head.measurement_uid = int(mdb.mdh.MeasUID) & 0xFFFFFFFF
-            head.scan_counter = int(mdb.mdh.ScanCounter)
-            head.acquisition_time_stamp = int(mdb.mdh.TimeStamp)
-            head.physiology_time_stamp[0] = int(mdb.mdh.PMUTimeStamp)
-            head.available_channels = coils
-            head.active_channels = data.shape[0]
-            for c in range(data.shape[0]):
-                head.channel_mask[c // 64] |= 1 << (c % 64)
-            head.discard_pre, head.discard_post = int(mdb.mdh.CutOff.Pre), int(mdb.mdh.CutOff.Post)
-            head.center_sample = int(mdb.mdh.CenterCol)
-            head.sample_time_us = noise_dwell_us if kind == "noise" else sample_time_us
-            slice_data = mdb.mdh.SliceData
-            head.position[:] = (slice_data.SlicePos.Sag, slice_data.SlicePos.Cor, slice_data.SlicePos.Tra)
-            try:
-                read, phase, slice_ = quaternion_directions(slice_data.Quaternion)
-                head.read_dir[:], head.phase_dir[:], head.slice_dir[:] = read, phase, slice_
-            except ValueError:
-                geometry_failed.append(int(mdb.mdh.ScanCounter))
-                head.read_dir[:], head.phase_dir[:], head.slice_dir[:] = (1, 0, 0), (0, 1, 0), (0, 0, 1)
-            if hasattr(mdb.mdh, "PTABPosX"):
-                head.patient_table_position[:] = (mdb.mdh.PTABPosX, mdb.mdh.PTABPosY, mdb.mdh.PTABPosZ)
-            idx = head.idx
-            idx.kspace_encode_step_1, idx.kspace_encode_step_2 = int(mdb.cLin), int(mdb.cPar)
-            idx.slice, idx.contrast, idx.phase = int(mdb.cSlc), int(mdb.cEco), int(mdb.cPhs)
-            idx.repetition, idx.set, idx.average, idx.segment = int(mdb.cRep), int(mdb.cSet), int(mdb.cAve), int(mdb.cSeg)
-            acquisition.setHead(head)
-            for twix_flag, ismrmrd_flags in _FLAG_MAP:
-                if mdb.is_flag_set(twix_flag):
-                    for f in ismrmrd_flags:
-                        acquisition.set_flag(f)
-            return acquisition
-        return build
+def _noise_dwell_us(mdb, vb: bool) -> float:
+    # siemens_to_ismrmrd's rule for noise readouts (their dwell time is not in the MDH)
+    n = int(mdb.mdh.SamplesInScan)
+    return 10e6 / n / 130.0 if vb else int(76800.0 / n) / 10.0
 
-    def noise_dwell(mdb, vb):
-        # siemens_to_ismrmrd's rule for noise readouts (their dwell time is not in the MDH)
-        n = int(mdb.mdh.SamplesInScan)
-        return 10e6 / n / 130.0 if vb else int(76800.0 / n) / 10.0
 
-    vb = version == "VB"
-    out: list[Line] = []
-    for mdb in noise_mdbs:
-        out.append(Line("noise", None, 0, make(mdb, "noise", noise_dwell(mdb, vb))))
-    for mdb, kind in zip(mdbs, kinds):
+def _lines(readouts: Readouts, sample_time_us: float, vb: bool, path: Path) -> tuple[list[Line], list[int]]:
+    """The Lines in scanner order (earlier noise first) and a list that the builders fill with
+    the scan counters of readouts without a valid orientation (known once they have run)."""
+    geometry_failed: list[int] = []
+
+    def make(mdb, kind):
+        dwell_us = _noise_dwell_us(mdb, vb) if kind == "noise" else sample_time_us
+        return lambda: _acquisition(mdb, dwell_us, readouts.coils, geometry_failed, path)
+
+    out: list[Line] = [Line("noise", None, 0, make(mdb, "noise")) for mdb in readouts.noise]
+    for mdb, kind in zip(readouts.mdbs, readouts.kinds):
         key = (int(mdb.cSlc), int(mdb.cEco), int(mdb.cPhs), int(mdb.cRep), int(mdb.cSet))
         out.append(Line(kind, key if kind in ("image", "reference") else None, int(mdb.cLin),
-                        make(mdb, kind, noise_dwell(mdb, vb)), calibration=kind == "image" and mdb.is_flag_set("PATREFANDIMASCAN")))
-    if geometry_failed:
-        warnings.append("some lines carry no valid slice orientation: axial directions written for them")
-    model = str(dicom.get("ManufacturersModelName") or "Siemens")
-    description = (f"Siemens twix {version} ({model}, {dicom.get('SoftwareVersions', '').strip() or 'unknown software'}), "
-                   f"measurement {index + 1} of {len(measurements)}: {coils} coils, {samples} samples per line, "
-                   f"readout oversampling {oversampling:g}")
-    return Source("twix", description, header, out, warnings)
+                        make(mdb, kind), calibration=kind == "image" and mdb.is_flag_set("PATREFANDIMASCAN")))
+    return out, geometry_failed
+
+
+def _acquisition(mdb, sample_time_us: float, coils: int, geometry_failed: list[int], path: Path):
+    """One ISMRMRD acquisition of a twix readout (mapping in the module docstring)."""
+    import ismrmrd
+
+    data = np.asarray(mdb.data, dtype=np.complex64)
+    if data.ndim != 2 or data.shape[0] != mdb.mdh.UsedChannels:
+        raise ConvertError(f"{path}: readout {mdb.mdh.ScanCounter} has malformed data {data.shape}")
+    if mdb.is_flag_set("REFLECT"):
+        data = data[:, ::-1]
+    acquisition = ismrmrd.Acquisition.from_array(np.ascontiguousarray(data))
+    head = acquisition.getHead()
+    head.measurement_uid = int(mdb.mdh.MeasUID) & 0xFFFFFFFF
+    head.scan_counter = int(mdb.mdh.ScanCounter)
+    head.acquisition_time_stamp = int(mdb.mdh.TimeStamp)
+    head.physiology_time_stamp[0] = int(mdb.mdh.PMUTimeStamp)
+    head.available_channels = coils
+    head.active_channels = data.shape[0]
+    for c in range(data.shape[0]):
+        head.channel_mask[c // 64] |= 1 << (c % 64)
+    head.discard_pre, head.discard_post = int(mdb.mdh.CutOff.Pre), int(mdb.mdh.CutOff.Post)
+    head.center_sample = int(mdb.mdh.CenterCol)
+    head.sample_time_us = sample_time_us
+    slice_data = mdb.mdh.SliceData
+    head.position[:] = (slice_data.SlicePos.Sag, slice_data.SlicePos.Cor, slice_data.SlicePos.Tra)
+    try:
+        read, phase, slice_ = quaternion_directions(slice_data.Quaternion)
+        head.read_dir[:], head.phase_dir[:], head.slice_dir[:] = read, phase, slice_
+    except ValueError:
+        geometry_failed.append(int(mdb.mdh.ScanCounter))
+        head.read_dir[:], head.phase_dir[:], head.slice_dir[:] = (1, 0, 0), (0, 1, 0), (0, 0, 1)
+    if hasattr(mdb.mdh, "PTABPosX"):
+        head.patient_table_position[:] = (mdb.mdh.PTABPosX, mdb.mdh.PTABPosY, mdb.mdh.PTABPosZ)
+    idx = head.idx
+    idx.kspace_encode_step_1, idx.kspace_encode_step_2 = int(mdb.cLin), int(mdb.cPar)
+    idx.slice, idx.contrast, idx.phase = int(mdb.cSlc), int(mdb.cEco), int(mdb.cPhs)
+    idx.repetition, idx.set, idx.average, idx.segment = int(mdb.cRep), int(mdb.cSet), int(mdb.cAve), int(mdb.cSeg)
+    acquisition.setHead(head)
+    for twix_flag, ismrmrd_flags in _FLAG_MAP:
+        if mdb.is_flag_set(twix_flag):
+            for f in ismrmrd_flags:
+                acquisition.set_flag(f)
+    return acquisition
 
 
 def _flag_map():
