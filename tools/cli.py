@@ -21,6 +21,8 @@ SUBCOMMANDS = {
     "train": ("tools.training.train", "train the PISF network on on-the-fly synthetic data"),
     "export": ("tools.training.export", "export a PISF checkpoint to ONNX (with a parity check)"),
     "evaluate": ("tools.evaluation.evaluate", "PISF models vs zero-filled vs tuned BART SENSE and l1-ESPIRiT on the real data"),
+    "classical-table": ("tools.evaluation.classical_table",
+                        "the classical chains against BART per case, from a `pisf evaluate` run of their cores"),
     "bench": ("tools.bench.server", "latency, throughput and memory of the server per chain, BART beside it"),
     "bench-model": ("tools.bench.model", "offline latency of the PISF inference core per model and thread count"),
     "dicom": ("tools.session.dicom", "convert ISMRMRD images (pisf replay --out) to DICOM MR series"),

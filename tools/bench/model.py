@@ -116,30 +116,25 @@ def bench(model_paths: list[str], threads_list: list[int], repeats: int = 10, si
 
 def bench_bart(repeats: int = 3, size: int = 256, coils: int = 8, acceleration: int = 4) -> dict:
     """BART on the same slice, one thread (REFERENCE.md): ecalib -m1 -r 24 -k 4 -c 0.9, then
-    pics -S -l1 -r 0.01 and pics -S -l2 -r 0.01; median seconds per step and per pipeline."""
-    import os
-    import subprocess
+    pics -S -l1 -r 0.01 and pics -S -l2 -r 0.01; median seconds per step and per pipeline. The
+    slice goes in BART's own order (tools/evaluation/bart.py: to_bart)."""
     import tempfile
-    from pathlib import Path
 
-    from tools.rawdata.cfl import write_cfl
+    from tools.evaluation.bart import run_bart, single_thread_env, write_bart
     kspace = phantom_slice(size, coils)
     mask = np.zeros(size, dtype=np.float32)
     mask[::acceleration] = 1
     mask[size // 2 - 12: size // 2 + 12] = 1
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = single_thread_env()
     times = {"ecalib": [], "pics_l1": [], "pics_l2": []}
     with tempfile.TemporaryDirectory(prefix="pisf_bench_bart_") as tmp:
-        stem = Path(tmp)
-        write_cfl(stem / "ksp", np.transpose(kspace * mask[None, :, None], (1, 2, 0))[:, :, None, :])
+        write_bart(f"{tmp}/ksp", kspace * mask[None, :, None])
         commands = {"ecalib": ["ecalib", "-m1", "-r", "24", "-k", "4", "-c", "0.9", "ksp", "sens"],
                     "pics_l1": ["pics", "-S", "-l1", "-r", "0.01", "ksp", "sens", "rec1"],
                     "pics_l2": ["pics", "-S", "-l2", "-r", "0.01", "ksp", "sens", "rec2"]}
         for _ in range(repeats):
             for step, args in commands.items():
-                start = time.perf_counter()
-                subprocess.run(["bart"] + args, cwd=tmp, env=env, check=True, capture_output=True)
-                times[step].append(time.perf_counter() - start)
+                times[step].append(run_bart(args, env, cwd=tmp))
     median = {step: float(np.median(values)) for step, values in times.items()}
     return {"bart": True, "slice": f"{size}x{size}x{coils}", "threads": 1, **{f"{k}_median_s": v for k, v in median.items()},
             "ecalib_pics_l1_s": median["ecalib"] + median["pics_l1"],

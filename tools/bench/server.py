@@ -24,9 +24,6 @@ import json
 import math
 import os
 import platform
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tools.session.server_process import start_server, stop_server
 REPO = Path(__file__).resolve().parents[2]
 SHARED_RAW = REPO.parent / "shared" / "data" / "siemens_skyra_R3_14ch.h5"
 TICK_S = 2.5e-3  # acquisition_time_stamp unit
@@ -154,24 +152,6 @@ def trend(values: list[float], window: int = 10) -> dict:
 
 
 # ----------------------------------------------------------------------------- server
-def start_server(out: Path, log_level: str = "INFO"):
-    """`pisf serve` as its own process on a free loopback port; (process, port)."""
-    from tools.session.demo import _free_port, start_server_process
-
-    port = _free_port()
-    return start_server_process(port, out / "server.log"), port
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def chain_config_text(chain: str, model: str | None) -> str | None:
     """CONFIG_TEXT for `chain` with the PISF model replaced, or None (send the name)."""
     if model is None or chain != "pisf":
@@ -258,11 +238,6 @@ def scan_seconds(acquisitions: list) -> float:
 
 
 # ----------------------------------------------------------------------------- BART
-def _write_cfl(stem: Path, array: np.ndarray) -> None:
-    from tools.evaluation.evaluate import write_cfl
-    write_cfl(stem, array)
-
-
 def slices_from_raw(path: Path, wanted: int) -> tuple[list[np.ndarray], int]:
     """K[coils, ny, nx] of the first `wanted` slices of a raw file as the server would see them:
     noise-prewhitened, readout oversampling cropped in image space, every acquired line
@@ -314,12 +289,14 @@ def bart_times(raw: Path, slices: int, work: Path, classical: bool = True) -> di
     and `ecalib` + `pics -l2` (SENSE-l2, the sense chain's equivalent); with `classical`, the
     classical chains' cores (gadgets.classical.reconstruct_classical, this process, one BLAS
     thread as set by the caller) on the very same k-space, slice by slice in turn with BART."""
-    if shutil.which("bart") is None:
+    from tools.evaluation.bart import bart_available, bart_version, run_bart, single_thread_env, write_bart
+
+    if not bart_available():
         return {"skipped": "bart not installed"}
     kspaces, n_acs = slices_from_raw(raw, slices)
     if n_acs < 4:
         return {"skipped": f"only {n_acs} calibration lines: ecalib needs an ACS block"}
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = single_thread_env()
     if classical:
         from gadgets import limit_blas_threads
         limit_blas_threads()      # as the server runs its stages: one BLAS thread, like BART here
@@ -328,23 +305,17 @@ def bart_times(raw: Path, slices: int, work: Path, classical: bool = True) -> di
     with tempfile.TemporaryDirectory(prefix="pisf_bench_bart_", dir=work) as tmp:
         tmp = Path(tmp)
         for kspace in kspaces:
-            _write_cfl(tmp / "ksp", np.transpose(kspace, (2, 1, 0))[:, :, None, :])  # x, y, 1, coil
-            started = time.perf_counter()
-            subprocess.run(["bart", "ecalib", "-m1", "-r", str(n_acs), "-k", "4", "-c", "0.9",
-                            str(tmp / "ksp"), str(tmp / "sens")], check=True, env=env, capture_output=True)
-            calibrated = time.perf_counter()
-            subprocess.run(["bart", "pics", "-S", "-l1", "-r", "0.01", str(tmp / "ksp"), str(tmp / "sens"),
-                            str(tmp / "rec")], check=True, env=env, capture_output=True)
-            finished = time.perf_counter()
-            subprocess.run(["bart", "pics", "-S", "-l2", "-r", "0.01", str(tmp / "ksp"), str(tmp / "sens"),
-                            str(tmp / "rec2")], check=True, env=env, capture_output=True)
-            ecalib_times.append((calibrated - started) * 1e3)
-            times.append((finished - started) * 1e3)
-            l2_times.append((calibrated - started + time.perf_counter() - finished) * 1e3)
+            write_bart(tmp / "ksp", kspace)
+            ecalib_s = run_bart(["ecalib", "-m1", "-r", n_acs, "-k", "4", "-c", "0.9", tmp / "ksp", tmp / "sens"], env)
+            l1_s = run_bart(["pics", "-S", "-l1", "-r", "0.01", tmp / "ksp", tmp / "sens", tmp / "rec"], env)
+            l2_s = run_bart(["pics", "-S", "-l2", "-r", "0.01", tmp / "ksp", tmp / "sens", tmp / "rec2"], env)
+            ecalib_times.append(ecalib_s * 1e3)
+            times.append((ecalib_s + l1_s) * 1e3)
+            l2_times.append((ecalib_s + l2_s) * 1e3)
             if classical:
                 for method, elapsed in classical_core_ms(kspace).items():
                     ours[method].append(elapsed)
-    version = subprocess.run(["bart", "version"], capture_output=True, text=True).stdout.strip()
+    version = bart_version()
     report = {"slices": len(times), "acs_lines": n_acs, "bart_version": version,
               "shape": list(kspaces[0].shape) if kspaces else None,
               "command": f"ecalib -m1 -r {n_acs} -k 4 -c 0.9; pics -S -l1 -r 0.01; OMP_NUM_THREADS=1",
@@ -536,7 +507,7 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
     config_texts = {chain: chain_config_text(chain, model) for chain in chains}
 
     log(f"starting pisf serve (log: {out / 'server.log'})")
-    server, port = start_server(out)
+    server, port = start_server(out / "server.log")
     pid = server.pid
     report["server"] = {"pid": pid, "port": port, "rss_idle_mib": (rss_bytes(pid) or 0) / 2 ** 20}
     try:

@@ -2,10 +2,26 @@
 wavelets), both with ESPIRiT maps, tuned PER CASE BY PSNR AGAINST THE FULLY SAMPLED REFERENCE
 (an oracle choice that favours BART: a scanner has no reference to tune on).
 
+This is also the one place the tools call BART (`run_bart`: the anchors here, `pisf evaluate`'s
+2D Poisson row, `pisf bench`, `pisf bench-model`, `pisf classical-table`). Array layouts, both
+written here and nowhere else, from our K[C, ny, nx] (coil, phase encode, readout):
+
+    to_bart              (nx, ny, 1, C)  BART's own order: dim 0 READ, dim 1 PHS1, dim 3 COIL.
+                                         The timings (bench, bench-model) use it: on this
+                                         machine `pics` ran 25-35 % faster on it than on the
+                                         transposed array (256x256x8, one thread), so BART is
+                                         timed at its best.
+    to_bart_phase_first  (ny, nx, 1, C)  the evaluation anchors' order (phase encode in dim 0,
+                                         images back as (ny, nx[, maps])): every cached anchor
+                                         and every BART number of `pisf evaluate` was computed
+                                         on it; moving them to BART's order would re-run the
+                                         whole cache and move the l1 anchors by pics's random
+                                         wavelet shifts, so they keep it.
+
 What a run gets is what a scanner sends: `ecalib` sees only the calibration k-space (the
-reference lines; embedded ACS or separate reference), `pics` only the image lines. BART dims
-are (PE, RO, 1, coil), so `ecalib -r NCAL:NX` bounds the calibration region by the calibration
-lines along PE and the whole readout.
+reference lines; embedded ACS or separate reference), `pics` only the image lines. With PE as
+dim 0, `ecalib -r NCAL:NX` bounds the calibration region by the calibration lines along PE and
+the whole readout.
 
 Search (coordinate descent, coarse to fine; every trial's settings and PSNR are recorded):
 1. lambda on a coarse grid (LAMBDAS_COARSE) with ESPIRiT `-m1 -c 0.9`, then a line search in
@@ -40,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gadgets.numerics.coils import root_sum_of_squares
 from tools.rawdata.cfl import read_cfl, write_cfl
 
 CACHE_DIR = Path("runs/bart_cache")
@@ -57,6 +74,7 @@ ANCHOR_NAMES = {"l2": "bart_sense_l2", "l1": "bart_l1_espirit"}
 CACHE_VERSION = 1
 
 
+# ----------------------------------------------------------------------------- calling BART
 def bart_available() -> bool:
     return shutil.which("bart") is not None
 
@@ -68,17 +86,39 @@ def bart_version() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def _run(args, env) -> float:
+def single_thread_env() -> dict:
+    """The environment BART runs in here: OMP_NUM_THREADS=1 (two threads on two cores were ~4x
+    slower; one thread also matches the server's one BLAS thread per chain)."""
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def run_bart(args, env: dict | None = None, cwd: str | Path | None = None) -> float:
+    """`bart ARGS...`; wall seconds. A failure raises RuntimeError with BART's own message."""
     start = time.perf_counter()
-    proc = subprocess.run(["bart", *map(str, args)], env=env, capture_output=True, text=True)
+    proc = subprocess.run(["bart", *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"bart {' '.join(map(str, args))} failed: {proc.stderr.strip() or proc.stdout.strip()}")
     return time.perf_counter() - start
 
 
-def _bart_layout(kspace: np.ndarray) -> np.ndarray:
-    """K[C, ny, nx] -> BART (ny, nx, 1, C)."""
+def to_bart(kspace: np.ndarray) -> np.ndarray:
+    """K[C, ny, nx] -> BART's own order (nx, ny, 1, C) complex64: READ, PHS1, -, COIL."""
+    return np.transpose(np.asarray(kspace, dtype=np.complex64), (2, 1, 0))[:, :, None, :]
+
+
+def to_bart_phase_first(kspace: np.ndarray) -> np.ndarray:
+    """K[C, ny, nx] -> (ny, nx, 1, C) complex64, phase encode in dim 0: the anchors' order
+    (module docstring)."""
     return np.transpose(np.asarray(kspace, dtype=np.complex64), (1, 2, 0))[:, :, None, :]
+
+
+def write_bart(stem: str | Path, kspace: np.ndarray, phase_first: bool = False) -> None:
+    """K[C, ny, nx] as BART files stem.cfl/stem.hdr, in BART's order (`to_bart`) or, for the
+    anchors, phase encode first (`to_bart_phase_first`)."""
+    write_cfl(stem, to_bart_phase_first(kspace) if phase_first else to_bart(kspace))
+
+
+# ----------------------------------------------------------------------------- tuned anchors
 
 
 def _psnr(reference: np.ndarray, image: np.ndarray) -> float:
@@ -136,7 +176,7 @@ class BartCase:
             digest.update(str(array.shape).encode())
             digest.update(array.tobytes())
         self.input_hash = digest.hexdigest()
-        self.env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.env = single_thread_env()
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._maps: dict[tuple, float] = {}       # calibration -> ecalib seconds (files in tmp)
         self.version = None
@@ -158,8 +198,8 @@ class BartCase:
     def tmp(self) -> Path:
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="pisf_bart_")
-            write_cfl(Path(self._tmp.name) / "ksp", _bart_layout(self.image_kspace))
-            write_cfl(Path(self._tmp.name) / "cal", _bart_layout(self.calibration_kspace))
+            write_bart(Path(self._tmp.name) / "ksp", self.image_kspace, phase_first=True)
+            write_bart(Path(self._tmp.name) / "cal", self.calibration_kspace, phase_first=True)
         return Path(self._tmp.name)
 
     def calib_region(self) -> str:
@@ -168,8 +208,8 @@ class BartCase:
     def _sens(self, maps: int, crop: float | None) -> tuple[Path, float]:
         stem = self.tmp / f"sens_m{maps}_c{crop if crop is not None else 0}"
         if (maps, crop) not in self._maps:
-            seconds = _run(["ecalib", "-m", maps, "-k", KERNEL, "-r", self.calib_region(),
-                            "-c", 0 if crop is None else crop, self.tmp / "cal", stem], self.env)
+            seconds = run_bart(["ecalib", "-m", maps, "-k", KERNEL, "-r", self.calib_region(),
+                                "-c", 0 if crop is None else crop, self.tmp / "cal", stem], self.env)
             self._maps[(maps, crop)] = seconds
         return stem, self._maps[(maps, crop)]
 
@@ -199,12 +239,12 @@ class BartCase:
                         float(cached["pics_seconds"]), True)
         sens, ecalib_seconds = self._sens(maps, crop)
         out = self.tmp / "rec"
-        pics_seconds = _run(["pics", "-S", f"-{regulariser}", "-r", lam, "-i", iterations,
-                             self.tmp / "ksp", sens, out], self.env)
+        pics_seconds = run_bart(["pics", "-S", f"-{regulariser}", "-r", lam, "-i", iterations,
+                                 self.tmp / "ksp", sens, out], self.env)
         rec = read_cfl(out)
         ny = self.image_kspace.shape[1]
         per_map = rec.reshape(ny, self.nx, -1)
-        image = np.sqrt(np.sum(np.abs(per_map) ** 2, axis=-1)).astype(np.float32)
+        image = root_sum_of_squares(per_map, axis=-1).astype(np.float32)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp_path = path.with_suffix(".tmp.npz")

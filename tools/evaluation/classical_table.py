@@ -3,7 +3,7 @@
     pisf evaluate --model none --method grappa=tools.evaluation.classical:grappa \
                   --method sense=tools.evaluation.classical:sense \
                   --method sense_l1=tools.evaluation.classical:sense_l1 --out runs/eval_classical
-    python -m tools.evaluation.classical_table runs/eval_classical
+    pisf classical-table runs/eval_classical
 
 Per case: zero-filled, BART SENSE-l2 tuned per case against the reference (the oracle of
 tools/evaluation/bart.py), BART SENSE-l2 at one fixed setting for every case (`ecalib -m1 -c 0.9`,
@@ -14,8 +14,8 @@ l1-ESPIRiT (tuned) against it. Writes OUT/classical_table.md.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,16 +101,18 @@ def table(results: dict, fixed: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tools.evaluation.datasets import DEFAULT_DATA
-    out = Path(argv[0] if argv else "runs/eval_classical")
-    results = json.loads((out / "results.json").read_text())
-    fixed = fixed_bart(results["rows"], Path(argv[1]) if len(argv) > 1 else DEFAULT_DATA, "runs/bart_cache")
+    parser.add_argument("run", nargs="?", type=Path, default=Path("runs/eval_classical"),
+                        help="a `pisf evaluate` output folder with the classical methods (results.json)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with the real data")
+    parser.add_argument("--bart-cache", default="runs/bart_cache", help="BART result cache ('' for none)")
+
+
+def run(args: argparse.Namespace) -> int:
+    results = json.loads((args.run / "results.json").read_text())
+    fixed = fixed_bart(results["rows"], args.data, args.bart_cache or None)
     text = table(results, fixed)
-    (out / "classical_table.md").write_text(text)
+    (args.run / "classical_table.md").write_text(text)
     print(text)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

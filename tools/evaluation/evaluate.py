@@ -18,8 +18,6 @@ Writes OUT/results.json, OUT/results.md and OUT/figure_<dataset>.png.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.evaluation.bart import bart_available
-from tools.rawdata.cfl import read_cfl, write_cfl  # noqa: F401  (re-exported: tools.bench.server uses write_cfl)
+from tools.evaluation.bart import bart_available, run_bart, single_thread_env, write_bart
+from tools.rawdata.cfl import read_cfl
 from tools.evaluation.datasets import DATASETS, DEFAULT_DATA
 
 POISSON_LAMBDAS = (0.001, 0.003, 0.01, 0.03)
@@ -57,7 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PISF test-time augmentation: average with the k -> -k mirrored rows")
 
 
-# ----------------------------------------------------------------------------- legacy helpers
 # ----------------------------------------------------------------------------- 2D Poisson brain
 def load_brain_poisson(data_dir: Path):
     ksp = read_cfl(Path(data_dir) / "brain_8coil_poisson_ksp")                 # [1, 180, 230, 8]
@@ -72,19 +69,16 @@ def bart_l1_lambda_grid(kspace: np.ndarray, calibration_size: int, lambdas, refe
     """l1-ESPIRiT (ecalib -m1 -r N -k 4 -c 0.9; pics -S -l1 -r lambda) of K[coils, ny, nx], best
     PSNR over `lambdas` (oracle)."""
     from tools.evaluation.metrics import psnr, scale_match
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = single_thread_env()
     results = {}
     with tempfile.TemporaryDirectory(prefix="pisf_bart_") as tmp:
         tmp = Path(tmp)
-        write_cfl(tmp / "ksp", np.transpose(kspace, (1, 2, 0))[:, :, None, :])   # x, y, 1, coil
-        start = time.perf_counter()
-        subprocess.run(["bart", "ecalib", "-m1", "-r", str(calibration_size), "-k", "4", "-c", "0.9",
-                        str(tmp / "ksp"), str(tmp / "sens")], check=True, env=env, capture_output=True)
-        calib_s = time.perf_counter() - start
+        write_bart(tmp / "ksp", kspace, phase_first=True)   # an anchor: images come back (ny, nx)
+        calib_s = run_bart(["ecalib", "-m1", "-r", calibration_size, "-k", "4", "-c", "0.9",
+                            tmp / "ksp", tmp / "sens"], env)
         for lam in lambdas:
             start = time.perf_counter()
-            subprocess.run(["bart", "pics", "-S", "-l1", "-r", str(lam), str(tmp / "ksp"), str(tmp / "sens"),
-                            str(tmp / "rec")], check=True, env=env, capture_output=True)
+            run_bart(["pics", "-S", "-l1", "-r", lam, tmp / "ksp", tmp / "sens", tmp / "rec"], env)
             image = np.abs(read_cfl(tmp / "rec").reshape(kspace.shape[1:]))
             results[lam] = (image, time.perf_counter() - start)
     scores = {lam: psnr(reference, scale_match(img, reference)) for lam, (img, _) in results.items()}

@@ -10,41 +10,12 @@ cine (`--phases N`), an animated GIF per slice.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from gadgets.chain import ChainRepository
 from gadgets.wire.client import replay, summarise_latency, write_images, write_pngs
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server_process(port: int, log_path: Path, timeout_s: float = 60.0) -> subprocess.Popen:
-    """`pisf serve` in its own process; returns once it accepts connections."""
-    with open(log_path, "w") as log_file:  # the child keeps its own descriptor
-        process = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", "--port", str(port)],
-                                   stdout=log_file, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited early; see {log_path}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
-                probe.sendall(b"\x04\x00")  # CLOSE: a polite probe the server answers and forgets
-            return process
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"the server did not start within {timeout_s:.0f} s; see {log_path}")
+from tools.session.server_process import free_port, start_server_process, stop_server
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     truth = GroundTruth(rss=simulated["rss"], path="/dataset/pisf_groundtruth")
 
-    port = _free_port()
+    port = free_port()
     print(f"2/3 starting the embedded server on 127.0.0.1:{port} (log: {out / 'server.log'})")
     try:
         server = start_server_process(port, out / "server.log")
@@ -114,11 +85,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{len(pngs)} PNGs in {out / f'png_{chain}'}; {summarise_latency(result.latencies())}")
             panels.update(panels_from_images(result.images, chain))
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
     if panels:
         report = write_report(out / "report", panels, truth,
                               f"simulated {args.matrix}x{args.matrix}, {args.coils} coils, R={args.accel}")
