@@ -7,10 +7,11 @@ This is also the one place the tools call BART (`run_bart`: the anchors here, `p
 written here and nowhere else, from our K[C, ny, nx] (coil, phase encode, readout):
 
     to_bart              (nx, ny, 1, C)  BART's own order: dim 0 READ, dim 1 PHS1, dim 3 COIL.
-                                         The timings (bench, bench-model) use it: on this
-                                         machine `pics` ran 25-35 % faster on it than on the
-                                         transposed array (256x256x8, one thread), so BART is
-                                         timed at its best.
+                                         The timings (bench, bench-model) use it, so BART is
+                                         timed at its best: on the simulated 256x256x8 demo
+                                         slices `pics -l1` took 25-35 % longer on the
+                                         transposed array, on bench-model's phantom slice 4 %
+                                         (one thread, shared machine).
     to_bart_phase_first  (ny, nx, 1, C)  the evaluation anchors' order (phase encode in dim 0,
                                          images back as (ny, nx[, maps])): every cached anchor
                                          and every BART number of `pisf evaluate` was computed

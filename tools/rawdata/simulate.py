@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import h5py
 import ismrmrd
@@ -353,89 +354,211 @@ def simulate(out_path, *, matrix=256, coils=8, accel=4, acs=24, mask="equispaced
     ky ascending; one line per TR.
     """
     t_start = time.perf_counter()
-    sequence = sequence.lower()
-    if sequence not in SEQUENCE_DEFAULTS:
-        raise ValueError(f"sequence must be one of {sorted(SEQUENCE_DEFAULTS)}")
-    if mask not in ("equispaced", "random"):
-        raise ValueError("mask must be 'equispaced' or 'random'")
-    tr_default, te_default, flip_default = SEQUENCE_DEFAULTS[sequence]
-    tr = float(tr_default if tr is None else tr)
-    te = float(te_default if te is None else te)
-    flip = float(flip_default if flip is None else flip)
-    matrix, coils, accel, acs = int(matrix), int(coils), int(accel), int(acs)
-    slices, phases, oversampling = int(slices), int(phases), int(oversampling)
-    if matrix < 16 or matrix % 2:
-        raise ValueError("matrix must be even and >= 16")
-    if min(coils, accel, slices, phases, oversampling) < 1 or acs < 0 or noise < 0:
-        raise ValueError("coils, accel, slices, phases, oversampling >= 1; acs, noise >= 0")
-    if not 0.5 <= partial_fourier <= 1.0:
-        raise ValueError("partial Fourier fraction must be in [0.5, 1]")
-    ny, nx, nx_enc = matrix, matrix, matrix * oversampling
-    ky_max = partial_fourier_max(ny, partial_fourier)
-    acs = min(acs, ny)
-    if acs and ny // 2 - acs // 2 + acs - 1 > ky_max:
-        raise ValueError("partial Fourier would cut the ACS block: raise --partial-fourier")
-
-    # Independent random streams, so e.g. the noise level does not change the anatomy or mask.
-    seeds = np.random.SeedSequence(seed).spawn(4)
-    rng_anatomy, rng_coils, rng_noise, rng_mask = (np.random.default_rng(s) for s in seeds)
-    phantom = HeadPhantom(rng_anatomy)
-    coil_array = loop_coil_array(coils, fov, rng_coils)
-    covariance = noise_covariance(coils, noise, rng_coils)
-
-    pixel_mm = fov / matrix
-    half_fov = fov / 2
-    x_enc_mm = (np.arange(nx_enc) - nx_enc // 2) * pixel_mm   # index N//2 is the centre (fftc)
-    y_mm = (np.arange(ny) - ny // 2) * pixel_mm
-    crop = slice(nx_enc // 2 - nx // 2, nx_enc // 2 - nx // 2 + nx)
-    xn, yn = np.meshgrid(x_enc_mm[crop] / half_fov, y_mm / half_fov)  # object lives in recon FOV
-    slice_spacing = slice_thickness + slice_gap
-    slice_z_mm = (np.arange(slices) - (slices - 1) / 2) * slice_spacing
-
-    magnitudes = tissue_magnitudes(sequence, tr, te, flip)
-    signal_scale = 1.0 / max(magnitudes.values())            # brightest tissue -> 1
-    fat_hz = FAT_SHIFT_PPM * 1e-6 * GAMMA_HZ_PER_T * field_strength
-    fat_shift_px = fat_hz / READOUT_BW_PER_PIXEL_HZ          # chemical-shift displacement on x
-    kx = np.arange(nx_enc) - nx_enc // 2
-    fat_shift_ramp = np.exp(-2j * np.pi * kx * fat_shift_px / nx_enc)
-    is_fat = np.array([TISSUES[t][4] for t in TISSUE_NAMES])
-    tissue_signal = np.array([magnitudes[t] for t in TISSUE_NAMES]) * signal_scale
-    sample_time_us = 1e6 / (READOUT_BW_PER_PIXEL_HZ * nx_enc)
-
-    rss = np.zeros((slices, phases, ny, nx), np.float32)
-    combined = np.zeros((slices, phases, ny, nx), np.complex64)
-    sampled = np.zeros((slices, phases, ny), np.uint8)
-    sensitivities = np.zeros((slices, coils, ny, nx), np.complex64)
-    lines_per_image = np.zeros((slices, phases), int)
+    scan = ScanSettings.checked(matrix=matrix, coils=coils, accel=accel, acs=acs, mask=mask, slices=slices,
+                                phases=phases, oversampling=oversampling, noise=noise,
+                                partial_fourier=partial_fourier, sequence=sequence, tr=tr, te=te, flip=flip,
+                                seed=seed, fov=fov, slice_thickness=slice_thickness, slice_gap=slice_gap,
+                                field_strength=field_strength)
+    scene = Scene(scan)
+    truth = {"rss": np.zeros((scan.slices, scan.phases, scan.ny, scan.nx), np.float32),
+             "combined": np.zeros((scan.slices, scan.phases, scan.ny, scan.nx), np.complex64),
+             "mask": np.zeros((scan.slices, scan.phases, scan.ny), np.uint8),
+             "sensitivities": np.zeros((scan.slices, scan.coils, scan.ny, scan.nx), np.complex64)}
+    lines_per_image = np.zeros((scan.slices, scan.phases), int)
 
     if os.path.exists(out_path):
         os.remove(out_path)  # Dataset opens in append mode: start from an empty file
-    header = build_header(matrix=matrix, oversampling=oversampling, fov_mm=fov,
-                          thickness_mm=slice_thickness, coils=coils, slices=slices, phases=phases,
-                          accel=accel, ky_max=ky_max, sequence=sequence, tr_ms=tr, te_ms=te,
-                          flip_deg=flip, field_t=field_strength, seed=seed)
-    header_xml = xsd.ToXML(header)
-    template = ismrmrd.AcquisitionHeader()
-    template.version = 1
-    template.measurement_uid = seed & 0xFFFFFFFF
-    template.number_of_samples = nx_enc
-    template.available_channels = coils
-    template.active_channels = coils
-    template.center_sample = nx_enc // 2
-    template.sample_time_us = sample_time_us
-    for c in range(coils):
-        template.channel_mask[c // 64] |= 1 << (c % 64)
-    template.read_dir[:] = (1.0, 0.0, 0.0)
-    template.phase_dir[:] = (0.0, 1.0, 0.0)
-    template.slice_dir[:] = (0.0, 0.0, 1.0)
-    counter = 0  # scans so far; time stamps advance one TR per readout
+    header_xml = xsd.ToXML(build_header(
+        matrix=scan.matrix, oversampling=scan.oversampling, fov_mm=scan.fov, thickness_mm=scan.slice_thickness,
+        coils=scan.coils, slices=scan.slices, phases=scan.phases, accel=scan.accel, ky_max=scan.ky_max,
+        sequence=scan.sequence, tr_ms=scan.tr, te_ms=scan.te, flip_deg=scan.flip, field_t=scan.field_strength,
+        seed=scan.seed))
+    writer = AcquisitionWriter(scan)
+    with ismrmrd.Dataset(out_path, "dataset", create_if_needed=True) as dataset:
+        dataset.write_xml_header(header_xml)
+        if scan.noise > 0:
+            noise_scan = correlated_noise(scene.covariance, (scan.nx_enc,), scene.rng_noise)
+            dataset.append_acquisition(writer.acquisition(noise_scan, [ismrmrd.ACQ_IS_NOISE_MEASUREMENT]))
+        for s, z_mm in enumerate(scene.slice_z_mm):
+            for p, (kspace, coil_images, obj, sens) in enumerate(scene.slice_images(s, z_mm)):
+                if p == 0:
+                    truth["sensitivities"][s] = sens[:, :, scene.crop]
+                truth["rss"][s, p] = root_sum_of_squares(coil_images[:, :, scene.crop])
+                truth["combined"][s, p] = obj[:, scene.crop]
+                pattern, acs_mask = simulation_lines(scan.ny, scan.accel, scan.acs, scan.mask, scan.ky_max,
+                                                     scene.rng_mask)
+                acquired = np.flatnonzero(pattern | acs_mask)
+                truth["mask"][s, p, acquired] = 1
+                lines_per_image[s, p] = len(acquired)
+                lines = kspace[:, acquired, :] + correlated_noise(scene.covariance, (len(acquired), scan.nx_enc),
+                                                                  scene.rng_noise)
+                for acq in writer.image_lines(lines.astype(np.complex64), acquired, pattern, acs_mask, s, p, z_mm):
+                    dataset.append_acquisition(acq)
 
-    def make_acquisition(data, flags, **idx):
-        nonlocal counter
-        head = ismrmrd.AcquisitionHeader.from_buffer_copy(template)
-        counter += 1
-        head.scan_counter = counter
-        head.acquisition_time_stamp = START_OF_SCAN_TICKS + int(round((counter - 1) * tr / TICK_MS))
+    with h5py.File(out_path, "a") as f:
+        _write_truth(f, scan, scene, truth, store_sensitivities)
+    result = dict(
+        path=str(out_path), header_xml=header_xml, rss=truth["rss"], combined=truth["combined"],
+        mask=truth["mask"], noise_covariance=scene.covariance, sensitivities=truth["sensitivities"],
+        slice_position_mm=scene.slice_z_mm, acquisitions=writer.counter, noise_acquisitions=int(scan.noise > 0),
+        lines_per_image=lines_per_image, effective_acceleration=float(scan.ny / lines_per_image.mean()),
+        file_size_bytes=os.path.getsize(out_path), seconds=time.perf_counter() - t_start)
+    if verbose:
+        print(f"wrote {out_path}: {writer.counter} acquisitions ({result['noise_acquisitions']} noise), "
+              f"{scan.slices} slice(s) x {scan.phases} phase(s), {lines_per_image.mean():.1f} of {scan.ny} lines per "
+              f"image (R_eff {result['effective_acceleration']:.2f}), {scan.coils} coils, "
+              f"{scan.nx_enc} samples, {result['file_size_bytes'] / 2 ** 20:.1f} MiB, "
+              f"{result['seconds']:.1f} s")
+    return result
+
+
+@dataclass
+class ScanSettings:
+    """The simulated protocol, checked, with sequence defaults filled in and derived sizes."""
+    matrix: int
+    coils: int
+    accel: int
+    acs: int
+    mask: str
+    slices: int
+    phases: int
+    oversampling: int
+    noise: float
+    partial_fourier: float
+    sequence: str
+    tr: float
+    te: float
+    flip: float
+    seed: int
+    fov: float
+    slice_thickness: float
+    slice_gap: float
+    field_strength: float
+    ny: int = 0
+    nx: int = 0
+    nx_enc: int = 0
+    ky_max: int = 0
+
+    @classmethod
+    def checked(cls, *, sequence, mask, matrix, coils, accel, acs, slices, phases, oversampling, noise,
+                partial_fourier, tr, te, flip, **rest) -> "ScanSettings":
+        sequence = sequence.lower()
+        if sequence not in SEQUENCE_DEFAULTS:
+            raise ValueError(f"sequence must be one of {sorted(SEQUENCE_DEFAULTS)}")
+        if mask not in ("equispaced", "random"):
+            raise ValueError("mask must be 'equispaced' or 'random'")
+        tr_default, te_default, flip_default = SEQUENCE_DEFAULTS[sequence]
+        tr = float(tr_default if tr is None else tr)
+        te = float(te_default if te is None else te)
+        flip = float(flip_default if flip is None else flip)
+        matrix, coils, accel, acs = int(matrix), int(coils), int(accel), int(acs)
+        slices, phases, oversampling = int(slices), int(phases), int(oversampling)
+        if matrix < 16 or matrix % 2:
+            raise ValueError("matrix must be even and >= 16")
+        if min(coils, accel, slices, phases, oversampling) < 1 or acs < 0 or noise < 0:
+            raise ValueError("coils, accel, slices, phases, oversampling >= 1; acs, noise >= 0")
+        if not 0.5 <= partial_fourier <= 1.0:
+            raise ValueError("partial Fourier fraction must be in [0.5, 1]")
+        ny, nx, nx_enc = matrix, matrix, matrix * oversampling
+        ky_max = partial_fourier_max(ny, partial_fourier)
+        acs = min(acs, ny)
+        if acs and ny // 2 - acs // 2 + acs - 1 > ky_max:
+            raise ValueError("partial Fourier would cut the ACS block: raise --partial-fourier")
+        return cls(matrix=matrix, coils=coils, accel=accel, acs=acs, mask=mask, slices=slices, phases=phases,
+                   oversampling=oversampling, noise=noise, partial_fourier=partial_fourier, sequence=sequence,
+                   tr=tr, te=te, flip=flip, ny=ny, nx=nx, nx_enc=nx_enc, ky_max=ky_max, **rest)
+
+
+class Scene:
+    """The object, coils and noise of one simulation, and the coil images of each slice and phase.
+
+    Independent random streams, so e.g. the noise level does not change the anatomy or mask."""
+
+    def __init__(self, scan: ScanSettings):
+        self.scan = scan
+        seeds = np.random.SeedSequence(scan.seed).spawn(4)
+        rng_anatomy, rng_coils, self.rng_noise, self.rng_mask = (np.random.default_rng(s) for s in seeds)
+        self.phantom = HeadPhantom(rng_anatomy)
+        self.coil_array = loop_coil_array(scan.coils, scan.fov, rng_coils)
+        self.covariance = noise_covariance(scan.coils, scan.noise, rng_coils)
+
+        self.pixel_mm = scan.fov / scan.matrix
+        self.half_fov = scan.fov / 2
+        nx_enc, nx, ny = scan.nx_enc, scan.nx, scan.ny
+        self.x_enc_mm = (np.arange(nx_enc) - nx_enc // 2) * self.pixel_mm   # index N//2 is the centre (fftc)
+        self.y_mm = (np.arange(ny) - ny // 2) * self.pixel_mm
+        self.crop = slice(nx_enc // 2 - nx // 2, nx_enc // 2 - nx // 2 + nx)
+        # the object lives in the recon FOV
+        self.xn, self.yn = np.meshgrid(self.x_enc_mm[self.crop] / self.half_fov, self.y_mm / self.half_fov)
+        slice_spacing = scan.slice_thickness + scan.slice_gap
+        self.slice_z_mm = (np.arange(scan.slices) - (scan.slices - 1) / 2) * slice_spacing
+
+        magnitudes = tissue_magnitudes(scan.sequence, scan.tr, scan.te, scan.flip)
+        signal_scale = 1.0 / max(magnitudes.values())            # brightest tissue -> 1
+        self.fat_hz = FAT_SHIFT_PPM * 1e-6 * GAMMA_HZ_PER_T * scan.field_strength
+        fat_shift_px = self.fat_hz / READOUT_BW_PER_PIXEL_HZ     # chemical-shift displacement on x
+        kx = np.arange(nx_enc) - nx_enc // 2
+        self.fat_shift_ramp = np.exp(-2j * np.pi * kx * fat_shift_px / nx_enc)
+        self.is_fat = np.array([TISSUES[t][4] for t in TISSUE_NAMES])
+        self.tissue_signal = np.array([magnitudes[t] for t in TISSUE_NAMES]) * signal_scale
+
+    def slice_images(self, s: int, z_mm: float):
+        """Per cine phase of slice s: (k-space [C, ny, nx_enc], coil images, object, sensitivities);
+        the sensitivities are scaled at phase 0 so that their RSS is ~1 (median) inside the head."""
+        scan, phantom = self.scan, self.phantom
+        zn = z_mm / self.half_fov
+        sens = coil_sensitivities(self.x_enc_mm, self.y_mm, z_mm, self.coil_array)
+        b0 = phantom.b0_hz(self.xn, self.yn, zn)
+        background = np.exp(1j * phantom.background_phase(self.xn, self.yn, zn))
+        for p in range(scan.phases):
+            motion = 0.5 * (1 - np.cos(2 * np.pi * p / scan.phases))  # 0 at phase 0, 1 mid-cycle
+            fractions = phantom.fractions(self.xn, self.yn, zn, self.pixel_mm / self.half_fov, motion)
+            amplitude = 1.0 + 0.06 * phantom.texture(self.xn, self.yn, zn, motion)
+            water = np.tensordot(self.tissue_signal * ~self.is_fat, fractions, axes=1) * amplitude
+            fat = np.tensordot(self.tissue_signal * self.is_fat, fractions, axes=1) * amplitude
+            if scan.sequence == "gre":  # off-resonance phase at TE (spin echo refocuses it)
+                water = water * np.exp(2j * np.pi * b0 * scan.te * 1e-3)
+                fat = fat * np.exp(2j * np.pi * (b0 + self.fat_hz) * scan.te * 1e-3)
+            water_enc = np.zeros((scan.ny, scan.nx_enc), complex)
+            fat_enc = np.zeros((scan.ny, scan.nx_enc), complex)
+            water_enc[:, self.crop] = water * background
+            fat_enc[:, self.crop] = fat * background
+            # Fat is encoded at a displaced readout position (chemical-shift artefact)
+            obj = water_enc + ifftc(fftc(fat_enc, axes=(-1,)) * self.fat_shift_ramp, axes=(-1,))
+            if p == 0:
+                support = fractions.sum(axis=0) > 0.5
+                sens /= np.median(root_sum_of_squares(sens[:, :, self.crop])[support])
+            coil_images = sens * obj
+            yield fftc(coil_images, axes=(-2, -1)), coil_images, obj, sens
+
+
+class AcquisitionWriter:
+    """Acquisitions of the simulated scan: one header template, scan counter and time stamps
+    advancing one TR per readout, flags and counters per line."""
+
+    def __init__(self, scan: ScanSettings):
+        self.scan = scan
+        self.counter = 0  # scans so far
+        template = ismrmrd.AcquisitionHeader()
+        template.version = 1
+        template.measurement_uid = scan.seed & 0xFFFFFFFF
+        template.number_of_samples = scan.nx_enc
+        template.available_channels = scan.coils
+        template.active_channels = scan.coils
+        template.center_sample = scan.nx_enc // 2
+        template.sample_time_us = 1e6 / (READOUT_BW_PER_PIXEL_HZ * scan.nx_enc)
+        for c in range(scan.coils):
+            template.channel_mask[c // 64] |= 1 << (c % 64)
+        template.read_dir[:] = (1.0, 0.0, 0.0)
+        template.phase_dir[:] = (0.0, 1.0, 0.0)
+        template.slice_dir[:] = (0.0, 0.0, 1.0)
+        self.template = template
+
+    def acquisition(self, data, flags, **idx):
+        head = ismrmrd.AcquisitionHeader.from_buffer_copy(self.template)
+        self.counter += 1
+        head.scan_counter = self.counter
+        head.acquisition_time_stamp = START_OF_SCAN_TICKS + int(round((self.counter - 1) * self.scan.tr / TICK_MS))
         for flag in flags:
             head.flags |= 1 << (flag - 1)
         for name, value in idx.items():
@@ -444,93 +567,42 @@ def simulate(out_path, *, matrix=256, coils=8, accel=4, acs=24, mask="equispaced
         acq.data[:] = data
         return acq
 
-    with ismrmrd.Dataset(out_path, "dataset", create_if_needed=True) as dataset:
-        dataset.write_xml_header(header_xml)
-        if noise > 0:
-            noise_scan = correlated_noise(covariance, (nx_enc,), rng_noise)
-            dataset.append_acquisition(make_acquisition(noise_scan, [ismrmrd.ACQ_IS_NOISE_MEASUREMENT]))
-        for s, z_mm in enumerate(slice_z_mm):
-            zn = z_mm / half_fov
-            sens = coil_sensitivities(x_enc_mm, y_mm, z_mm, coil_array)
-            b0 = phantom.b0_hz(xn, yn, zn)
-            background = np.exp(1j * phantom.background_phase(xn, yn, zn))
-            for p in range(phases):
-                motion = 0.5 * (1 - np.cos(2 * np.pi * p / phases))  # 0 at phase 0, 1 mid-cycle
-                fractions = phantom.fractions(xn, yn, zn, pixel_mm / half_fov, motion)
-                amplitude = 1.0 + 0.06 * phantom.texture(xn, yn, zn, motion)
-                water = np.tensordot(tissue_signal * ~is_fat, fractions, axes=1) * amplitude
-                fat = np.tensordot(tissue_signal * is_fat, fractions, axes=1) * amplitude
-                if sequence == "gre":  # off-resonance phase at TE (spin echo refocuses it)
-                    water = water * np.exp(2j * np.pi * b0 * te * 1e-3)
-                    fat = fat * np.exp(2j * np.pi * (b0 + fat_hz) * te * 1e-3)
-                water_enc = np.zeros((ny, nx_enc), complex)
-                fat_enc = np.zeros((ny, nx_enc), complex)
-                water_enc[:, crop] = water * background
-                fat_enc[:, crop] = fat * background
-                # Fat is encoded at a displaced readout position (chemical-shift artefact)
-                obj = water_enc + ifftc(fftc(fat_enc, axes=(-1,)) * fat_shift_ramp, axes=(-1,))
-                if p == 0:  # RSS of the coils ~1 (median) inside this slice's head
-                    support = fractions.sum(axis=0) > 0.5
-                    rss_coils = root_sum_of_squares(sens[:, :, crop])
-                    sens /= np.median(rss_coils[support])
-                    sensitivities[s] = sens[:, :, crop]
-                coil_images = sens * obj
-                kspace = fftc(coil_images, axes=(-2, -1))
-                rss[s, p] = root_sum_of_squares(coil_images[:, :, crop])
-                combined[s, p] = obj[:, crop]
+    def image_lines(self, lines: np.ndarray, acquired: np.ndarray, pattern: np.ndarray, acs_mask: np.ndarray,
+                    s: int, p: int, z_mm: float):
+        """The acquisitions of one image (lines [C, n, nx_enc] at ky = acquired), ky ascending."""
+        scan = self.scan
+        for n, ky in enumerate(acquired):
+            flags = []
+            if acs_mask[ky]:
+                flags.append(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING if pattern[ky]
+                             else ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+            if n == 0:
+                flags.append(ismrmrd.ACQ_FIRST_IN_SLICE)
+            if n == len(acquired) - 1:
+                flags.append(ismrmrd.ACQ_LAST_IN_SLICE)
+                if s == scan.slices - 1 and p == scan.phases - 1:
+                    flags.append(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
+            acq = self.acquisition(lines[:, n, :], flags, kspace_encode_step_1=int(ky), slice=s, phase=p)
+            acq.position[:] = (0.0, 0.0, float(z_mm))
+            acq.physiology_time_stamp[0] = int(round(p * CARDIAC_RR_MS / scan.phases / TICK_MS))
+            yield acq
 
-                pattern, acs_mask = simulation_lines(ny, accel, acs, mask, ky_max, rng_mask)
-                acquired = np.flatnonzero(pattern | acs_mask)
-                sampled[s, p, acquired] = 1
-                lines_per_image[s, p] = len(acquired)
-                lines = kspace[:, acquired, :] + correlated_noise(covariance, (len(acquired), nx_enc), rng_noise)
-                lines = lines.astype(np.complex64)
-                for n, ky in enumerate(acquired):
-                    flags = []
-                    if acs_mask[ky]:
-                        flags.append(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING if pattern[ky]
-                                     else ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
-                    if n == 0:
-                        flags.append(ismrmrd.ACQ_FIRST_IN_SLICE)
-                    if n == len(acquired) - 1:
-                        flags.append(ismrmrd.ACQ_LAST_IN_SLICE)
-                        if s == slices - 1 and p == phases - 1:
-                            flags.append(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
-                    acq = make_acquisition(lines[:, n, :], flags, kspace_encode_step_1=int(ky),
-                                           slice=s, phase=p)
-                    acq.position[:] = (0.0, 0.0, float(z_mm))
-                    acq.physiology_time_stamp[0] = int(round(p * CARDIAC_RR_MS / phases / TICK_MS))
-                    dataset.append_acquisition(acq)
 
-    with h5py.File(out_path, "a") as f:
-        # Inside the raw data's group (/dataset/pisf_groundtruth), so that clients which want a
-        # single top-level group (FIRE's client.py) stream the file as it is.
-        write_groundtruth(
-            f, rss, group="dataset",
-            layout=("rss, combined: [slice, phase, y=phase encode, x=readout] at the recon "
-                    "matrix; mask: [slice, phase, ky] 1 = acquired (pattern or ACS)"),
-            attrs=dict(matrix=matrix, coils=coils, accel=accel, acs=acs, mask_type=mask,
-                       oversampling=oversampling, noise=noise, partial_fourier=partial_fourier,
-                       ky_max=ky_max, sequence=sequence, tr_ms=tr, te_ms=te, flip_deg=flip,
-                       seed=seed, fov_mm=fov, slice_thickness_mm=slice_thickness,
-                       slice_gap_mm=slice_gap, field_strength_t=field_strength),
-            combined=combined, mask=sampled, noise_covariance=covariance.astype(np.complex64),
-            slice_position_mm=slice_z_mm, sensitivities=sensitivities if store_sensitivities else None)
-
-    acquisitions = counter
-    result = dict(
-        path=str(out_path), header_xml=header_xml, rss=rss, combined=combined, mask=sampled,
-        noise_covariance=covariance, sensitivities=sensitivities, slice_position_mm=slice_z_mm,
-        acquisitions=acquisitions, noise_acquisitions=int(noise > 0), lines_per_image=lines_per_image,
-        effective_acceleration=float(ny / lines_per_image.mean()),
-        file_size_bytes=os.path.getsize(out_path), seconds=time.perf_counter() - t_start)
-    if verbose:
-        print(f"wrote {out_path}: {acquisitions} acquisitions ({result['noise_acquisitions']} noise), "
-              f"{slices} slice(s) x {phases} phase(s), {lines_per_image.mean():.1f} of {ny} lines per "
-              f"image (R_eff {result['effective_acceleration']:.2f}), {coils} coils, "
-              f"{nx_enc} samples, {result['file_size_bytes'] / 2 ** 20:.1f} MiB, "
-              f"{result['seconds']:.1f} s")
-    return result
+def _write_truth(f: h5py.File, scan: ScanSettings, scene: Scene, truth: dict, store_sensitivities: bool) -> None:
+    # Inside the raw data's group (/dataset/pisf_groundtruth), so that clients which want a
+    # single top-level group (FIRE's client.py) stream the file as it is.
+    write_groundtruth(
+        f, truth["rss"], group="dataset",
+        layout=("rss, combined: [slice, phase, y=phase encode, x=readout] at the recon "
+                "matrix; mask: [slice, phase, ky] 1 = acquired (pattern or ACS)"),
+        attrs=dict(matrix=scan.matrix, coils=scan.coils, accel=scan.accel, acs=scan.acs, mask_type=scan.mask,
+                   oversampling=scan.oversampling, noise=scan.noise, partial_fourier=scan.partial_fourier,
+                   ky_max=scan.ky_max, sequence=scan.sequence, tr_ms=scan.tr, te_ms=scan.te, flip_deg=scan.flip,
+                   seed=scan.seed, fov_mm=scan.fov, slice_thickness_mm=scan.slice_thickness,
+                   slice_gap_mm=scan.slice_gap, field_strength_t=scan.field_strength),
+        combined=truth["combined"], mask=truth["mask"], noise_covariance=scene.covariance.astype(np.complex64),
+        slice_position_mm=scene.slice_z_mm,
+        sensitivities=truth["sensitivities"] if store_sensitivities else None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
