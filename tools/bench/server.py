@@ -481,8 +481,9 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
               matrix: int = 256, coils: int = 8, accel: int = 4, acs: int = 24, use_shared: bool = True,
               bart_slices: int = 3, realtime: bool = False, realtime_slices: int = 50, tr_ms: float = 8.0,
               soak: int = 0, min_images: int = 10, soak_minutes: float = 0.0, log=print) -> dict:
+    """Simulate (and take the shared real raw file), start a server, replay every dataset through
+    every chain unpaced, optionally paced and as a soak, then time BART; write bench.json/.md/.png."""
     from gadgets.wire.client import read_raw
-    from tools.rawdata.simulate import simulate
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -491,6 +492,42 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
                                      accel=accel, acs=acs, realtime=realtime, realtime_slices=realtime_slices,
                                      tr_ms=tr_ms, soak=soak, soak_minutes=soak_minutes),
                     "runs": []}
+    datasets, rt_path = _bench_data(out, raws, use_shared, slices, matrix, coils, accel, acs, realtime,
+                                    realtime_slices, tr_ms, log)
+    loaded = {name: read_raw(path) for name, path in datasets}
+
+    log(f"starting pisf serve (log: {out / 'server.log'})")
+    server, port = start_server(out / "server.log")
+    live = LiveServer(port, server.pid, {chain: chain_config_text(chain, model) for chain in chains}, log)
+    report["server"] = {"pid": live.pid, "port": port, "rss_idle_mib": (rss_bytes(live.pid) or 0) / 2 ** 20}
+    try:
+        for name, _ in datasets:
+            for chain in chains:
+                report["runs"].append(live.unpaced(name, *loaded[name], chain, min_images))
+        if rt_path is not None:
+            report["realtime"] = live.realtime(rt_path, chains, realtime_slices, tr_ms)
+        if soak > 0 or soak_minutes > 0:
+            report["soak"] = {"slices_requested": soak, "minutes_per_chain": soak_minutes, "dataset": "simulated",
+                              "chains": [live.soak(*loaded["simulated"], chain, soak, soak_minutes)
+                                         for chain in chains]}
+        report["server"]["rss_peak_lifetime_mib"] = (rss_bytes(live.pid, "VmHWM") or 0) / 2 ** 20
+    finally:
+        stop_server(server)
+
+    # BART on the same k-space, after the server work (no contention)
+    if bart_slices > 0:
+        report["bart_by_dataset"] = _bart_by_dataset(datasets, bart_slices, out, log)
+        report["bart"] = report["bart_by_dataset"]["simulated"]
+    _write_report(report, out, log)
+    return report
+
+
+def _bench_data(out: Path, raws, use_shared: bool, slices: int, matrix: int, coils: int, accel: int, acs: int,
+                realtime: bool, realtime_slices: int, tr_ms: float, log) -> tuple[list[tuple[str, Path]], Path | None]:
+    """([(name, raw file)]: the simulated scan first, then the given or shared real raw files;
+    the paced GRE scan for the real-time replay or None)."""
+    from tools.rawdata.simulate import simulate
+
     sim_path = out / "sim.h5"
     log(f"simulating {slices} slices, {matrix}x{matrix}, {coils} coils, R={accel}, ACS {acs} -> {sim_path}")
     simulate(sim_path, matrix=matrix, coils=coils, accel=accel, acs=acs, slices=slices)
@@ -503,142 +540,141 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
         log(f"simulating {realtime_slices} GRE slices (TR {tr_ms} ms) for the real-time replay -> {rt_path}")
         simulate(rt_path, matrix=matrix, coils=coils, accel=accel, acs=acs, slices=realtime_slices,
                  sequence="gre", tr=tr_ms)
-    loaded = {name: read_raw(path) for name, path in datasets}
-    config_texts = {chain: chain_config_text(chain, model) for chain in chains}
+    return datasets, rt_path
 
-    log(f"starting pisf serve (log: {out / 'server.log'})")
-    server, port = start_server(out / "server.log")
-    pid = server.pid
-    report["server"] = {"pid": pid, "port": port, "rss_idle_mib": (rss_bytes(pid) or 0) / 2 ** 20}
-    try:
-        # ---- unpaced replays: latency, throughput, RSS
-        for name, _ in datasets:
-            header, acquisitions = loaded[name]
-            for chain in chains:
-                warm = timed_replay(port, pid, header, warm_up_subset(acquisitions), chain, config_texts[chain])
-                entry = {"dataset": name, "chain": chain}
-                if warm["failure"]:
-                    entry["failure"] = warm["failure"]
-                    report["runs"].append(entry)
-                    log(f"{name} / {chain}: FAILED in warm-up: {warm['failure']}")
-                    continue
-                rows, wall, peak, failure = [], 0.0, 0, None
-                repeats = 0
-                while not failure and (repeats == 0 or len(rows) < min_images):
-                    done = timed_replay(port, pid, header, acquisitions, chain, config_texts[chain])
-                    failure = done["failure"]
-                    rows += image_rows(done["result"])
-                    wall += done["wall_s"]
-                    peak = max(peak, done["peak_rss"])
-                    repeats += 1
-                    if not done["result"].images:
-                        break
-                for n, row in enumerate(rows):
-                    row["order"] = n
-                entry.update(summarise(rows, wall, peak), replays=repeats, per_image=rows)
-                if failure:
-                    entry["failure"] = failure
-                report["runs"].append(entry)
-                s = entry["server_latency_ms"]
-                log(f"{name} / {chain}: {entry['images']} images in {repeats} replay(s), server p50 {_fmt(s['p50'])} "
-                    f"ms, p95 {_fmt(s['p95'])} ms, {_fmt(entry['slices_per_s'], '.2f')} slices/s, peak RSS "
-                    f"{entry['peak_rss_mib']:.0f} MiB" + (f"; FAILED: {failure}" if failure else ""))
 
-        # ---- real time: paced by time stamps
-        if rt_path is not None:
-            header, acquisitions = read_raw(rt_path)
-            scan_s = scan_seconds(acquisitions)
-            rt = {"dataset": rt_path.name, "slices": realtime_slices, "tr_ms": tr_ms, "scan_s": scan_s, "chains": []}
-            for chain in chains:
-                entry = {"chain": chain}
-                warm = timed_replay(port, pid, header, warm_up_subset(acquisitions), chain, config_texts[chain])
-                unpaced = warm if warm["failure"] else timed_replay(port, pid, header, acquisitions, chain,
-                                                                     config_texts[chain])
-                if unpaced["failure"]:
-                    entry["failure"] = unpaced["failure"]
-                    rt["chains"].append(entry)
-                    continue
-                log(f"real time / {chain}: pacing {len(acquisitions)} lines over {scan_s:.1f} s")
-                paced = timed_replay(port, pid, header, acquisitions, chain, config_texts[chain], realtime=True)
-                rows = image_rows(paced["result"])
-                entry.update(summarise(rows, paced["wall_s"], paced["peak_rss"]), per_image=rows)
-                entry["trend_server"] = trend([r["server_ms"] for r in rows])
-                entry["trend_client"] = trend([r["client_ms"] for r in rows])
-                entry["unpaced_recon_s"] = unpaced["wall_s"]
-                entry["realtime_factor"] = unpaced["wall_s"] / scan_s if scan_s > 0 else None
-                entry["lag_after_scan_s"] = paced["wall_s"] - paced["result"].send_seconds
-                if paced["failure"]:
-                    entry["failure"] = paced["failure"]
+class LiveServer:
+    """The running server of one bench: its port and pid, the chain configs, and the three kinds
+    of run (unpaced, paced by time stamps, soak), each giving its report entry."""
+
+    def __init__(self, port: int, pid: int, config_texts: dict, log):
+        self.port, self.pid, self.config_texts, self.log = port, pid, config_texts, log
+
+    def replay(self, header: str, acquisitions: list, chain: str, realtime: bool = False) -> dict:
+        return timed_replay(self.port, self.pid, header, acquisitions, chain, self.config_texts[chain],
+                            realtime=realtime)
+
+    def unpaced(self, name: str, header: str, acquisitions: list, chain: str, min_images: int) -> dict:
+        """Latency, throughput, RSS: a warm-up, then whole replays until `min_images` images."""
+        warm = self.replay(header, warm_up_subset(acquisitions), chain)
+        entry = {"dataset": name, "chain": chain}
+        if warm["failure"]:
+            entry["failure"] = warm["failure"]
+            self.log(f"{name} / {chain}: FAILED in warm-up: {warm['failure']}")
+            return entry
+        rows, wall, peak, failure = [], 0.0, 0, None
+        repeats = 0
+        while not failure and (repeats == 0 or len(rows) < min_images):
+            done = self.replay(header, acquisitions, chain)
+            failure = done["failure"]
+            rows += image_rows(done["result"])
+            wall += done["wall_s"]
+            peak = max(peak, done["peak_rss"])
+            repeats += 1
+            if not done["result"].images:
+                break
+        for n, row in enumerate(rows):
+            row["order"] = n
+        entry.update(summarise(rows, wall, peak), replays=repeats, per_image=rows)
+        if failure:
+            entry["failure"] = failure
+        s = entry["server_latency_ms"]
+        self.log(f"{name} / {chain}: {entry['images']} images in {repeats} replay(s), server p50 {_fmt(s['p50'])} "
+                 f"ms, p95 {_fmt(s['p95'])} ms, {_fmt(entry['slices_per_s'], '.2f')} slices/s, peak RSS "
+                 f"{entry['peak_rss_mib']:.0f} MiB" + (f"; FAILED: {failure}" if failure else ""))
+        return entry
+
+    def realtime(self, rt_path: Path, chains, realtime_slices: int, tr_ms: float) -> dict:
+        """Each chain paced by the time stamps, beside its unpaced reconstruction time."""
+        from gadgets.wire.client import read_raw
+
+        header, acquisitions = read_raw(rt_path)
+        scan_s = scan_seconds(acquisitions)
+        rt = {"dataset": rt_path.name, "slices": realtime_slices, "tr_ms": tr_ms, "scan_s": scan_s, "chains": []}
+        for chain in chains:
+            entry = {"chain": chain}
+            warm = self.replay(header, warm_up_subset(acquisitions), chain)
+            unpaced = warm if warm["failure"] else self.replay(header, acquisitions, chain)
+            if unpaced["failure"]:
+                entry["failure"] = unpaced["failure"]
                 rt["chains"].append(entry)
-                t = entry["trend_server"]
-                log(f"real time / {chain}: server p50 {_fmt(entry['server_latency_ms']['p50'])} ms, slope "
-                    f"{_fmt(t['slope_ms_per_slice'], '.2f')} ms/slice, first/last p50 {_fmt(t['first_p50_ms'])}/"
-                    f"{_fmt(t['last_p50_ms'])} ms, real-time factor {_fmt(entry['realtime_factor'], '.3f')}")
-            report["realtime"] = rt
+                continue
+            self.log(f"real time / {chain}: pacing {len(acquisitions)} lines over {scan_s:.1f} s")
+            paced = self.replay(header, acquisitions, chain, realtime=True)
+            rows = image_rows(paced["result"])
+            entry.update(summarise(rows, paced["wall_s"], paced["peak_rss"]), per_image=rows)
+            entry["trend_server"] = trend([r["server_ms"] for r in rows])
+            entry["trend_client"] = trend([r["client_ms"] for r in rows])
+            entry["unpaced_recon_s"] = unpaced["wall_s"]
+            entry["realtime_factor"] = unpaced["wall_s"] / scan_s if scan_s > 0 else None
+            entry["lag_after_scan_s"] = paced["wall_s"] - paced["result"].send_seconds
+            if paced["failure"]:
+                entry["failure"] = paced["failure"]
+            rt["chains"].append(entry)
+            t = entry["trend_server"]
+            self.log(f"real time / {chain}: server p50 {_fmt(entry['server_latency_ms']['p50'])} ms, slope "
+                     f"{_fmt(t['slope_ms_per_slice'], '.2f')} ms/slice, first/last p50 {_fmt(t['first_p50_ms'])}/"
+                     f"{_fmt(t['last_p50_ms'])} ms, real-time factor {_fmt(entry['realtime_factor'], '.3f')}")
+        return rt
 
-        # ---- soak: N slices back to back, RSS after each replay
-        # (--soak-minutes M: each chain for M minutes instead, however many slices that is)
-        if soak > 0 or soak_minutes > 0:
-            header, acquisitions = loaded["simulated"]
-            report["soak"] = {"slices_requested": soak, "minutes_per_chain": soak_minutes, "dataset": "simulated",
-                              "chains": []}
-            for chain in chains:
-                entry = {"chain": chain, "rss_mib": [], "server_p50_ms": []}
-                images = replays = 0
-                started = time.monotonic()
-                deadline = started + soak_minutes * 60
+    def soak(self, header: str, acquisitions: list, chain: str, soak: int, soak_minutes: float) -> dict:
+        """`soak` slices back to back (or `soak_minutes` minutes of them), RSS after each replay."""
+        entry = {"chain": chain, "rss_mib": [], "server_p50_ms": []}
+        images = replays = 0
+        started = time.monotonic()
+        deadline = started + soak_minutes * 60
 
-                def more() -> bool:
-                    return time.monotonic() < deadline if soak_minutes > 0 else images < soak
+        def more() -> bool:
+            return time.monotonic() < deadline if soak_minutes > 0 else images < soak
 
-                while more():
-                    done = timed_replay(port, pid, header, acquisitions, chain, config_texts[chain])
-                    if done["failure"]:
-                        entry["failure"] = done["failure"]
-                        break
-                    replays += 1
-                    images += len(done["result"].images)
-                    entry["rss_mib"].append((rss_bytes(pid) or 0) / 2 ** 20)
-                    # fds and threads once the connection is closed (after the first replay = warmed up)
-                    time.sleep(0.2)  # the session thread ends just after CLOSE
-                    counts = process_counts(pid)
-                    if replays == 1:
-                        entry["counts_after_warmup"] = counts
-                    entry["counts_end"] = counts
-                    entry["server_p50_ms"].append(percentiles(r["server_ms"] for r in image_rows(done["result"]))["p50"])
-                entry["seconds"] = time.monotonic() - started
-                entry.update(replays=replays, images=images)
-                if entry["rss_mib"]:
-                    base, end = entry["rss_mib"][0], entry["rss_mib"][-1]
-                    entry.update(rss_after_warmup_mib=base, rss_end_mib=end,
-                                 growth_percent=(end - base) / base * 100 if base else 0.0,
-                                 server_p50_first_ms=entry["server_p50_ms"][0],
-                                 server_p50_last_ms=entry["server_p50_ms"][-1])
-                    a, b = entry.get("counts_after_warmup", {}), entry.get("counts_end", {})
-                    log(f"soak / {chain}: {images} slices in {replays} replays over {entry['seconds']:.0f} s, "
-                        f"RSS {base:.0f} -> {end:.0f} MiB ({entry['growth_percent']:+.1f} %), fds "
-                        f"{a.get('fds')} -> {b.get('fds')}, threads {a.get('threads')} -> {b.get('threads')}")
-                report["soak"]["chains"].append(entry)
-        report["server"]["rss_peak_lifetime_mib"] = (rss_bytes(pid, "VmHWM") or 0) / 2 ** 20
-    finally:
-        stop_server(server)
+        while more():
+            done = self.replay(header, acquisitions, chain)
+            if done["failure"]:
+                entry["failure"] = done["failure"]
+                break
+            replays += 1
+            images += len(done["result"].images)
+            entry["rss_mib"].append((rss_bytes(self.pid) or 0) / 2 ** 20)
+            # fds and threads once the connection is closed (after the first replay = warmed up)
+            time.sleep(0.2)  # the session thread ends just after CLOSE
+            counts = process_counts(self.pid)
+            if replays == 1:
+                entry["counts_after_warmup"] = counts
+            entry["counts_end"] = counts
+            entry["server_p50_ms"].append(percentiles(r["server_ms"] for r in image_rows(done["result"]))["p50"])
+        entry["seconds"] = time.monotonic() - started
+        entry.update(replays=replays, images=images)
+        if entry["rss_mib"]:
+            base, end = entry["rss_mib"][0], entry["rss_mib"][-1]
+            entry.update(rss_after_warmup_mib=base, rss_end_mib=end,
+                         growth_percent=(end - base) / base * 100 if base else 0.0,
+                         server_p50_first_ms=entry["server_p50_ms"][0],
+                         server_p50_last_ms=entry["server_p50_ms"][-1])
+            a, b = entry.get("counts_after_warmup", {}), entry.get("counts_end", {})
+            self.log(f"soak / {chain}: {images} slices in {replays} replays over {entry['seconds']:.0f} s, "
+                     f"RSS {base:.0f} -> {end:.0f} MiB ({entry['growth_percent']:+.1f} %), fds "
+                     f"{a.get('fds')} -> {b.get('fds')}, threads {a.get('threads')} -> {b.get('threads')}")
+        return entry
 
-    # ---- BART on the same simulated k-space, after the server work (no contention)
-    if bart_slices > 0:
-        report["bart_by_dataset"] = {}
-        for name, path in datasets:
-            log(f"timing BART and the classical cores on {bart_slices} slices of {name} (OMP_NUM_THREADS=1)")
-            report["bart_by_dataset"][name] = bart_times(path, bart_slices, out)
-        report["bart"] = report["bart_by_dataset"]["simulated"]
-        for name, bart in report["bart_by_dataset"].items():
-            if "ecalib_pics_ms" in bart:
-                core = bart.get("classical_core_ms", {})
-                log(f"{name}: BART ecalib+pics -l1 p50 {bart['ecalib_pics_ms']['p50']:.0f} ms, -l2 "
-                    f"{bart['ecalib_pics_l2_ms']['p50']:.0f} ms; sense core {core['sense']['p50']:.0f} ms, "
-                    f"grappa core {core['grappa']['p50']:.0f} ms per slice")
-            else:
-                log(f"{name}: BART skipped: {bart['skipped']}")
 
+def _bart_by_dataset(datasets: list[tuple[str, Path]], bart_slices: int, out: Path, log) -> dict:
+    """BART and the classical cores timed on `bart_slices` slices of each dataset."""
+    by_dataset = {}
+    for name, path in datasets:
+        log(f"timing BART and the classical cores on {bart_slices} slices of {name} (OMP_NUM_THREADS=1)")
+        by_dataset[name] = bart_times(path, bart_slices, out)
+    for name, bart in by_dataset.items():
+        if "ecalib_pics_ms" in bart:
+            core = bart.get("classical_core_ms", {})
+            log(f"{name}: BART ecalib+pics -l1 p50 {bart['ecalib_pics_ms']['p50']:.0f} ms, -l2 "
+                f"{bart['ecalib_pics_l2_ms']['p50']:.0f} ms; sense core {core['sense']['p50']:.0f} ms, "
+                f"grappa core {core['grappa']['p50']:.0f} ms per slice")
+        else:
+            log(f"{name}: BART skipped: {bart['skipped']}")
+    return by_dataset
+
+
+def _write_report(report: dict, out: Path, log) -> None:
     skipped = plot(report, out / "bench.png")
     if skipped is None:
         report["plot"] = str(out / "bench.png")
@@ -648,7 +684,6 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
     (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "bench.md").write_text(markdown(report))
     log(f"wrote {out / 'bench.md'}, {out / 'bench.json'}" + (f", {out / 'bench.png'}" if skipped is None else ""))
-    return report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -360,15 +360,7 @@ def set_acceleration(header, undersampling: Undersampling) -> None:
         calibrationMode=xsd.calibrationModeType.SEPARATE if undersampling.separate else xsd.calibrationModeType.EMBEDDED)
 
 
-def convert(input_path: Path | str, out_path: Path | str, fmt: str | None = None,
-            undersampling: Undersampling | None = None, options: argparse.Namespace | None = None,
-            log=print, warn=None) -> dict:
-    """Convert one file; returns a summary. Raises ConvertError on bad input (no output file then)."""
-    import ismrmrd
-    import ismrmrd.xsd as xsd
-
-    warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
-    input_path, out_path = Path(input_path), Path(out_path)
+def _check_paths(input_path: Path, out_path: Path) -> None:
     if not input_path.exists() and not (input_path.with_suffix(".cfl").exists()):
         raise ConvertError(f"{input_path}: no such file")
     if input_path.is_dir():
@@ -379,6 +371,43 @@ def convert(input_path: Path | str, out_path: Path | str, fmt: str | None = None
         raise ConvertError(f"--out {out_path}: directory {out_path.parent} does not exist")
     if out_path.exists() and input_path.exists() and out_path.resolve() == input_path.resolve():
         raise ConvertError("--out names the input file; choose another output name")
+
+
+def _write_file(out_path: Path, header_xml: str, planned: list[Planned], truth: dict | None,
+                masks: dict, truth_attrs: dict) -> None:
+    """Header, acquisitions and (when given) the ground truth, written under a temporary name
+    that is renamed at the end, so a failed conversion leaves no output file."""
+    import ismrmrd
+
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp",
+                                             dir=str(out_path.parent if str(out_path.parent) else "."))
+    os.close(descriptor)
+    os.remove(temporary)  # ismrmrd.Dataset creates it
+    try:
+        dataset = ismrmrd.Dataset(temporary, "dataset", create_if_needed=True)
+        try:
+            dataset.write_xml_header(header_xml)
+        finally:
+            dataset.close()
+        write_acquisitions(temporary, build_acquisitions(planned))
+        if truth is not None:
+            write_reference(temporary, truth, masks, attrs=truth_attrs)
+        os.replace(temporary, out_path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def convert(input_path: Path | str, out_path: Path | str, fmt: str | None = None,
+            undersampling: Undersampling | None = None, options: argparse.Namespace | None = None,
+            log=print, warn=None) -> dict:
+    """Convert one file; returns a summary. Raises ConvertError on bad input (no output file then)."""
+    import ismrmrd.xsd as xsd
+
+    warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
+    input_path, out_path = Path(input_path), Path(out_path)
+    _check_paths(input_path, out_path)
     start = time.perf_counter()
     source = read_source(input_path, fmt, options)
     if not any(line.kind == "image" for line in source.lines):
@@ -402,33 +431,17 @@ def convert(input_path: Path | str, out_path: Path | str, fmt: str | None = None
         truth = reference_images(source)
     header_xml = xsd.ToXML(header)
 
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp",
-                                             dir=str(out_path.parent if str(out_path.parent) else "."))
-    os.close(descriptor)
-    os.remove(temporary)  # ismrmrd.Dataset creates it
     counts = {"noise": 0, "reference": 0, "image": 0, "other": 0}
     for item in planned:
         counts["reference" if item.calibration_only else item.line.kind] += 1
-    try:
-        dataset = ismrmrd.Dataset(temporary, "dataset", create_if_needed=True)
-        try:
-            dataset.write_xml_header(header_xml)
-        finally:
-            dataset.close()
-        write_acquisitions(temporary, build_acquisitions(planned))
-        if truth is not None:
-            write_reference(temporary, truth, summary["masks"], attrs={
-                "source": input_path.name, "format": source.format,
-                "undersampling": "none" if undersampling is None else undersampling.mask,
-                "accel_requested": 1.0 if undersampling is None else float(undersampling.accel),
-                "accel_achieved": achieved,
-                "reference_lines": "separate" if undersampling is not None and undersampling.separate else "embedded",
-            })
-        os.replace(temporary, out_path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    truth_attrs = {
+        "source": input_path.name, "format": source.format,
+        "undersampling": "none" if undersampling is None else undersampling.mask,
+        "accel_requested": 1.0 if undersampling is None else float(undersampling.accel),
+        "accel_achieved": achieved,
+        "reference_lines": "separate" if undersampling is not None and undersampling.separate else "embedded",
+    }
+    _write_file(out_path, header_xml, planned, truth, summary["masks"], truth_attrs)
     keys = list(image_lines(source))
     result = dict(path=str(out_path), format=source.format, description=source.description,
                   acquisitions=len(planned), counts=counts, images=len(keys), accel=achieved,

@@ -21,6 +21,27 @@ import numpy as np
 from tools.rawdata.source import (ArrayImage, ConvertError, Source, array_header, array_lines, default_positions)
 
 
+def _file_header(header_text: str | None, nx: int, columns: int, warnings: list[str]):
+    """The file's own ISMRMRD header when it parses and describes the k-space, else None (with a
+    warning saying why; the caller then builds one)."""
+    import ismrmrd.xsd as xsd
+
+    if not header_text:
+        warnings.append("no ismrmrd_header in the file: header built for 2x readout oversampling, FOV 256 mm")
+        return None
+    try:
+        header = xsd.CreateFromDocument(header_text.rstrip("\0"))
+        size = header.encoding[0].encodedSpace.matrixSize
+        if (int(size.x), int(size.y)) != (nx, columns):
+            warnings.append(f"the file's ISMRMRD header says encoded {size.x}x{size.y}, the k-space is "
+                            f"{nx}x{columns}: header rebuilt from the k-space")
+            return None
+    except Exception as exc:  # noqa: BLE001 - any parser error: fall back to a built header
+        warnings.append(f"the file's ismrmrd_header does not parse ({type(exc).__name__}): header rebuilt")
+        return None
+    return header
+
+
 def read_fastmri_source(path: Path) -> Source:
     import h5py
     import ismrmrd.xsd as xsd
@@ -42,22 +63,7 @@ def read_fastmri_source(path: Path) -> Source:
         header_text = header_text.decode("utf-8", "replace")
     acquisition = acquisition.decode() if isinstance(acquisition, bytes) else str(acquisition)
 
-    header = None
-    if header_text:
-        try:
-            header = xsd.CreateFromDocument(header_text.rstrip("\0"))
-            enc = header.encoding[0]
-            size = enc.encodedSpace.matrixSize
-            if (int(size.x), int(size.y)) != (nx, columns):
-                warnings.append(f"the file's ISMRMRD header says encoded {size.x}x{size.y}, the k-space is "
-                                f"{nx}x{columns}: header rebuilt from the k-space")
-                header = None
-        except Exception as exc:  # noqa: BLE001 - any parser error: fall back to a built header
-            warnings.append(f"the file's ismrmrd_header does not parse ({type(exc).__name__}): header rebuilt")
-            header = None
-    else:
-        warnings.append("no ismrmrd_header in the file: header built for 2x readout oversampling, FOV 256 mm")
-
+    header = _file_header(header_text, nx, columns, warnings)
     if header is not None:
         enc = header.encoding[0]
         limit = enc.encodingLimits.kspace_encoding_step_1 if enc.encodingLimits is not None else None
