@@ -352,6 +352,7 @@ def _fmt(value, spec=".1f", missing="-") -> str:
 
 
 def markdown(report: dict) -> str:
+    """bench.md: the unpaced table, then BART, real time and soak sections when they ran."""
     hw = report["hardware"]
     lines = ["# pisf bench", "",
              f"{report['started']}; CPU: {hw['cpu_model']}, {hw['cpu_cores']} cores "
@@ -374,6 +375,16 @@ def markdown(report: dict) -> str:
         lines.append(f"| {row['dataset']} | {row['chain']} | {row['images']} | {_fmt(s['p50'])} / {_fmt(s['p95'])} "
                      f"| {_fmt(c['p50'])} / {_fmt(c['p95'])} | {_fmt(i['p50'])} | {_fmt(row['slices_per_s'], '.2f')} "
                      f"| {_fmt(row['peak_rss_mib'], '.0f')} | {row['provider']} |")
+    lines += _markdown_bart(report) + _markdown_realtime(report) + _markdown_soak(report)
+    if report.get("plot"):
+        lines += ["", f"![latency per slice]({Path(report['plot']).name})"]
+    elif report.get("plot_skipped"):
+        lines += ["", f"plot skipped: {report['plot_skipped']}"]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_bart(report: dict) -> list[str]:
+    lines: list[str] = []
     bart = report.get("bart")
     if bart:
         lines += ["", "## BART l1-ESPIRiT on the same simulated slices", ""]
@@ -397,6 +408,11 @@ def markdown(report: dict) -> str:
                          f"| {_fmt(core.get('sense', {}).get('p50'), '.0f')} "
                          f"| {_fmt(core.get('sense_l1', {}).get('p50'), '.0f')} "
                          f"| {_fmt(core.get('grappa', {}).get('p50'), '.0f')} |")
+    return lines
+
+
+def _markdown_realtime(report: dict) -> list[str]:
+    lines: list[str] = []
     rt = report.get("realtime")
     if rt:
         lines += ["", f"## Real time: {rt['dataset']} paced by its time stamps "
@@ -415,6 +431,11 @@ def markdown(report: dict) -> str:
                          f"| {_fmt(row['lag_after_scan_s'], '.2f')} | {_fmt(row['realtime_factor'], '.3f')} |")
         lines += ["", "Real-time factor: unpaced recon time of the same stream / its acquisition time "
                       "(< 1: the server keeps up). Lag after scan: last line sent -> last image received, paced."]
+    return lines
+
+
+def _markdown_soak(report: dict) -> list[str]:
+    lines: list[str] = []
     soak = report.get("soak")
     if soak:
         length = (f"{soak['minutes_per_chain']:g} minutes per chain" if soak.get("minutes_per_chain")
@@ -433,11 +454,7 @@ def markdown(report: dict) -> str:
                          f"| {row.get('counts_after_warmup', {}).get('fds')} / {row.get('counts_end', {}).get('fds')} "
                          f"| {row.get('counts_after_warmup', {}).get('threads')} / "
                          f"{row.get('counts_end', {}).get('threads')} |")
-    if report.get("plot"):
-        lines += ["", f"![latency per slice]({Path(report['plot']).name})"]
-    elif report.get("plot_skipped"):
-        lines += ["", f"plot skipped: {report['plot_skipped']}"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(report: dict, path: Path) -> str | None:
