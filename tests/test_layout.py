@@ -1,8 +1,10 @@
 """The package layout holds together: every module a shipped Gadgetron XML chain executes imports
 and has its target, the runtime (`gadgets/`) never imports torch, `gadgets.numerics` imports
-nothing of the stream side, and README's layout table names exactly the modules under gadgets/."""
+nothing of the stream side, README's layout table names exactly the modules under gadgets/ and
+tools/, and no module of gadgets/, tools/ or models/ takes part in an import circle."""
 from __future__ import annotations
 
+import ast
 import importlib
 import re
 import subprocess
@@ -57,15 +59,15 @@ def test_numerics_know_nothing_of_streams():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
-def _layout_table_paths() -> set[str]:
-    """Paths named in README's layout table rows about gadgets/: `gadgets/x/a.py`, `b.py` means
+def _layout_table_paths(top: str = "gadgets") -> set[str]:
+    """Paths named in README's layout table rows about `top`/: `gadgets/x/a.py`, `b.py` means
     gadgets/x/a.py and gadgets/x/b.py."""
     text = (REPO / "README.md").read_text()
     table = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
     paths = set()
     for line in table.splitlines():
         cells = line.split("|")
-        if len(cells) < 3 or not cells[1].strip().startswith("`gadgets/"):
+        if len(cells) < 3 or not cells[1].strip().startswith(f"`{top}/"):
             continue
         names = re.findall(r"`([^`]+)`", cells[1])
         base = names[0] if names[0].endswith("/") else names[0].rsplit("/", 1)[0] + "/"
@@ -74,9 +76,80 @@ def _layout_table_paths() -> set[str]:
     return paths
 
 
-def test_readme_layout_table_matches_the_gadgets_tree():
-    named = _layout_table_paths()
-    on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / "gadgets").rglob("*.py") if p.name != "__init__.py"}
-    on_disk |= {p.parent.relative_to(REPO).as_posix() + "/" for p in (REPO / "gadgets").rglob("__init__.py")}
+@pytest.mark.parametrize("top", ["gadgets", "tools"])
+def test_readme_layout_table_matches_the_tree(top):
+    named = _layout_table_paths(top)
+    on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / top).rglob("*.py") if p.name != "__init__.py"}
+    on_disk |= {p.parent.relative_to(REPO).as_posix() + "/" for p in (REPO / top).rglob("__init__.py")}
     assert not (named - on_disk), f"README names what is not there: {sorted(named - on_disk)}"
     assert not (on_disk - named), f"README's layout table misses: {sorted(on_disk - named)}"
+
+
+# ----------------------------------------------------------------------------- import graph
+PACKAGES = ("gadgets", "tools", "models")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(packages=PACKAGES) -> dict[str, set[str]]:
+    """Module -> the project modules it imports, at module level or inside functions (a lazy
+    import closes a circle as soon as both run). `from a.b import c` counts as a.b.c when that
+    is a module, else as a.b; relative imports are resolved; other packages are left out."""
+    files = {_module_name(p): p for package in packages for p in (REPO / package).rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base
+                           for alias in node.names]
+            else:
+                continue
+            graph[name].update(t for t in targets if t in files and t != name)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as [a, b, ..., a], or None (iterative depth-first search)."""
+    state: dict[str, int] = {}             # 1: on the current path, 2: done
+    for root in sorted(graph):
+        if state.get(root):
+            continue
+        path, stack = [root], [iter(sorted(graph[root]))]
+        state[root] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(graph.get(nxt, ()))))
+    return None
+
+
+def test_the_cycle_finder_finds_a_circle_and_the_graph_sees_lazy_and_relative_imports():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set(), "d": {"a", "c"}}) is None
+    graph = import_graph()
+    assert len(graph) > 60
+    assert "tools.rawdata.source" in graph["tools.rawdata.readers.twix"]        # module level
+    assert "tools.rawdata.readers.twix" in graph["tools.rawdata.convert"]       # inside a function
+    assert "tools.rawdata.masks" in graph["tools.rawdata.convert"]              # from-import of a name
+
+
+def test_no_import_circles_in_gadgets_tools_models():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
