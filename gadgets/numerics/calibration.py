@@ -13,6 +13,9 @@ ESPIRiT (Uecker et al., MRM 2014), first map only, computed in the fast way:
    instead of one per kernel;
 3. the sensitivity at r is G(r)'s top eigenvector (eigenvalue ~1 inside the object), found by
    batched power iteration, its phase referenced to the first (strongest virtual) coil.
+   G is a trigonometric polynomial of degree k - 1 per axis and the maps are smooth, so steps 2-3
+   run on a coarse grid (every f-th pixel, at least DEFAULT_GRID points per axis) and the maps are
+   interpolated onto the image grid (`espirit_maps`, grid=None: every pixel).
 No eigenvalue crop by default: on in-vivo brain data a crop at 0.9 cost 10 dB in SENSE (it zeroes
 maps inside the head where the eigenvalue dips), while the regularised solvers keep the
 background small anyway.
@@ -26,6 +29,7 @@ from .reference import MIN_CALIBRATION_REFERENCE_LINES, reference_run
 DEFAULT_KERNEL = 6           # MIN_CALIBRATION_REFERENCE_LINES (numerics/reference.py) follows it
 DEFAULT_THRESHOLD = 0.02
 NOISE_FACTOR = 2.0
+DEFAULT_GRID = 64            # calibration grid points per axis (espirit_maps)
 
 
 def calibration_matrix(reference: np.ndarray, kernel: int) -> np.ndarray:
@@ -35,6 +39,50 @@ def calibration_matrix(reference: np.ndarray, kernel: int) -> np.ndarray:
     return windows.transpose(1, 2, 0, 3, 4).reshape(-1, coils * kernel * kernel)
 
 
+def calibration_gram(reference: np.ndarray, kernel: int) -> np.ndarray:
+    """calibration_matrix(reference, kernel)^H @ calibration_matrix(...) [C k^2, C k^2], complex64,
+    computed along the readout as cross-correlations instead of the (C k^2)^2 x patches product
+    (5x faster at 24 x 256 x 8-16). With alpha = (coil, kernel row) and b, b' the kernel columns,
+    entry (alpha b, beta b') sums conj(X_alpha(x)) X_beta(x + b' - b) over the readout columns x of
+    the windows with offset b, [b, b + px). Columns k-1 .. px-1 belong to every window: their
+    sum, for the 2k - 1 lags at once, is a product of readout spectra (one small matrix product
+    per readout frequency); the 2(k - 1) edge columns are added per window."""
+    reference = np.asarray(reference, dtype=np.complex64)
+    coils, ly, lx = reference.shape
+    k = kernel
+    if lx < 2 * k:                                                    # no interior columns
+        rows = calibration_matrix(reference, k)
+        return rows.conj().T @ rows
+    py, px = ly - k + 1, lx - k + 1
+    taps, stacked = 2 * k - 1, coils * k
+
+    def by_kernel_row(block: np.ndarray) -> np.ndarray:             # [n, p, (c, a)] = block[c, p + a]
+        windows = np.lib.stride_tricks.sliding_window_view(block, py, axis=1)   # [C, k, n, py]
+        return windows.transpose(2, 3, 0, 1).reshape(block.shape[2], py, stacked)
+
+    interior = reference.copy()
+    interior[:, :, :k - 1] = 0
+    interior[:, :, px:] = 0
+    spectrum = (by_kernel_row(np.fft.fft(interior, axis=2)).conj().transpose(0, 2, 1)
+                @ by_kernel_row(np.fft.fft(reference, axis=2)))      # [lx, alpha, beta]
+    lags = np.arange(-(k - 1), k)
+    to_lags = (np.exp(2j * np.pi * np.outer(lags, np.arange(lx)) / lx) / lx).astype(np.complex64)
+    common = (to_lags @ spectrum.reshape(lx, -1)).reshape(taps, stacked, stacked)
+    common = common.transpose(1, 2, 0)                                # [alpha, beta, lag]
+    rows = by_kernel_row(reference)                                   # [lx, py, alpha]
+    padded = np.zeros((lx + 2 * (k - 1), py, stacked), dtype=np.complex64)
+    padded[k - 1:k - 1 + lx] = rows
+    lagged = np.lib.stride_tricks.sliding_window_view(padded, taps, axis=0)   # [x, p, beta, lag]
+    edges = np.r_[0:k - 1, px:lx]
+    columns = (rows[edges].conj().transpose(0, 2, 1) @ lagged[edges].reshape(len(edges), py, -1)
+               ).reshape(len(edges), stacked, stacked, taps)         # [edge column, alpha, beta, lag]
+    gram = np.empty((stacked, k, stacked, k), dtype=np.complex64)
+    for b in range(k):               # window b: left edge columns b .. k-2, right edge columns px .. px+b-1
+        window = common + columns[b:k - 1].sum(axis=0) + columns[k - 1:k - 1 + b].sum(axis=0)
+        gram[:, b] = window[:, :, k - 1 - b:2 * k - 1 - b]           # lag b' - b for b' = 0 .. k-1
+    return gram.reshape(stacked * k, stacked * k)
+
+
 def signal_kernels(reference: np.ndarray, kernel: int, threshold: float,
                    noise_factor: float = NOISE_FACTOR) -> np.ndarray:
     """Signal-subspace kernels [C, k, k, n] of the reference block [C, ly, lx]: singular vectors
@@ -42,32 +90,92 @@ def signal_kernels(reference: np.ndarray, kernel: int, threshold: float,
     The median lies in the noise tail of the spectrum (the signal subspace is a small part of
     the C k^2 dimensions): on noisy references (e.g. ismrmrd-tools' Shepp-Logan at -n 0.05,
     whose noise floor is ~0.03 of the largest) the relative threshold alone keeps nearly every
-    vector and the maps become arbitrary; on the real datasets here it changes nothing."""
+    vector and the maps become arbitrary; on the real datasets here it changes nothing.
+
+    The Gram matrix is accumulated in complex64 (`calibration_gram`; its rounding, ~3e-7 of the
+    largest entry, is far below the cut at threshold^2 = 4e-4 of the largest eigenvalue) and
+    decomposed in complex128: `leading_subspace` when it can prove the same cut, else in full."""
     coils = reference.shape[0]
-    rows = calibration_matrix(reference.astype(np.complex128), kernel)
-    gram = rows.conj().T @ rows
-    values, vectors = np.linalg.eigh(gram)                        # ascending
-    values, vectors = values[::-1], vectors[:, ::-1]
-    singular = np.sqrt(np.maximum(values, 0.0))
-    cut = max(threshold * singular[0], noise_factor * float(np.median(singular)))
-    keep = max(1, int(np.sum(singular >= cut)))
-    return vectors[:, :keep].reshape(coils, kernel, kernel, keep)
+    gram = calibration_gram(reference, kernel).astype(np.complex128)
+    vectors = leading_subspace(gram, threshold, noise_factor)
+    if vectors is None:
+        values, vectors = np.linalg.eigh(gram)                    # ascending
+        values, vectors = values[::-1], vectors[:, ::-1]
+        singular = np.sqrt(np.maximum(values, 0.0))
+        cut = max(threshold * singular[0], noise_factor * float(np.median(singular)))
+        vectors = vectors[:, :max(1, int(np.sum(singular >= cut)))]
+    return vectors.reshape(coils, kernel, kernel, -1)
 
 
-def centred_dft_rows(shifts: np.ndarray, n: int) -> np.ndarray:
-    """[n, len(shifts)]: the centred inverse DFT (unnormalised) of a signal that is nonzero only
-    at k-space offsets `shifts` from the centre, evaluated at every image position."""
-    position = np.arange(n) - n // 2
+def leading_subspace(gram: np.ndarray, threshold: float, noise_factor: float,
+                     iterations: int = 4) -> np.ndarray | None:
+    """The eigenvectors [n, keep] of the Hermitian PSD gram [n, n] (complex128) whose singular
+    value (sqrt of the eigenvalue) is >= threshold x the largest, by subspace iteration on a
+    block of n / 5 vectors (complex64 iterations, one complex128 iteration and Rayleigh-Ritz):
+    a third of the time of a full eigh at 16 coils (n = 576). None (use the full eigh) when the
+    result could differ from it: when the median singular value might reach the cut / noise_factor
+    (bound: every eigenvalue outside the block is below (trace - Ritz sum) / (n/2 - block)), when
+    the signal subspace fills most of the block, or when a kept Ritz pair has not converged.
+    On the dev datasets the kept subspace matches the full eigh's to a principal-angle sine of
+    <= 1e-4, and the maps inside the object to 2.4e-6."""
+    size = gram.shape[0]
+    block = max(72, size // 5)
+    if 2 * block >= size:
+        return None
+    start = np.random.default_rng(0).standard_normal((size, 2 * block)).astype(np.float32)
+    vectors = start.view(np.complex64)                              # fixed seed: same maps every run
+    single = gram.astype(np.complex64)
+    for _ in range(iterations):
+        vectors, _ = np.linalg.qr(single @ vectors)
+    vectors, _ = np.linalg.qr(gram @ vectors.astype(np.complex128))
+    applied = gram @ vectors
+    ritz_values, rotation = np.linalg.eigh(vectors.conj().T @ applied)
+    ritz_values, rotation = ritz_values[::-1], rotation[:, ::-1]
+    largest = max(float(ritz_values[0]), 1e-300)
+    cut = threshold ** 2 * largest                                # on eigenvalues
+    tail = max(0.0, float(np.real(np.trace(gram))) - float(ritz_values.sum())) / (size / 2 - block)
+    keep = max(1, int(np.sum(ritz_values >= cut)))
+    if noise_factor ** 2 * tail >= cut or keep > block - 8:
+        return None
+    residual = applied @ rotation[:, :keep] - (vectors @ rotation[:, :keep]) * ritz_values[:keep]
+    if np.max(np.linalg.norm(residual, axis=0)) > 1e-5 * largest:
+        return None
+    return vectors @ rotation[:, :keep]
+
+
+def coarse_shape(shape: tuple[int, int], grid: int | None) -> tuple[int, int]:
+    """Points per axis of the calibration grid: n / f for the largest factor f of n that leaves
+    at least `grid` points (every f-th pixel; every pixel when grid is None or n < 2 grid). When
+    n has no factor of at least half of n // grid (a prime-like n), ceil(n / (n // grid)) points
+    at fractional pixel positions instead."""
+    if not grid:
+        return tuple(int(n) for n in shape)
+    points = []
+    for n in (int(n) for n in shape):
+        most = max(1, n // int(grid))
+        factor = next(f for f in range(most, 0, -1) if n % f == 0)
+        points.append(n // factor if 2 * factor > most else -(-n // most))
+    return tuple(points)
+
+
+def grid_positions(n: int, points: int) -> np.ndarray:
+    """Image positions (pixels from the centre, ifftc convention) of `points` equispaced samples
+    over a field of view of n pixels, the first at -n // 2 (every pixel when points == n)."""
+    return -(n // 2) + np.arange(points) * (n / points)
+
+
+def centred_dft_rows(shifts: np.ndarray, n: int, points: int | None = None) -> np.ndarray:
+    """[points, len(shifts)]: the centred inverse DFT (unnormalised, over n) of a signal that is
+    nonzero only at k-space offsets `shifts` from the centre, evaluated at `grid_positions(n,
+    points)` (every image position by default)."""
+    position = grid_positions(n, n if points is None else points)
     return np.exp(2j * np.pi * np.outer(position, shifts) / n).astype(np.complex64)
 
 
-def image_space_operator(kernels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Per-pixel C x C matrices G, laid out [C, C, ny, nx], of the kernels' image-domain
-    projection: G(r)[c, d] = sum over kernels j of conj(K_jc(r)) K_jd(r) / k^2, with K_jc(r) the
-    image-domain kernel. Each entry is the Fourier transform of a kernel cross-correlation of
-    support (2k-1)^2, evaluated by a separable DFT (two small matrix products per entry)."""
+def kernel_correlations(kernels: np.ndarray) -> np.ndarray:
+    """[2k-1, 2k-1, C, C] complex64: conj of the kernels' cross-correlations sum_j K_jc * K_jd
+    at k-space offsets -(k-1)..k-1 (C^2 small FFTs instead of one per kernel)."""
     coils, k, _, n_kernels = kernels.shape
-    ny, nx = shape
     grid = 2 * k                                                  # >= 2k - 1: no wrap-around
     padded = np.zeros((coils, grid, grid, n_kernels), dtype=np.complex128)
     padded[:, :k, :k] = kernels
@@ -75,23 +183,41 @@ def image_space_operator(kernels: np.ndarray, shape: tuple[int, int]) -> np.ndar
     products = np.matmul(spectra.transpose(1, 0, 2), spectra.conj().transpose(1, 2, 0))   # [g^2, C, C]
     correlation = np.fft.ifft2(products.reshape(grid, grid, coils, coils), axes=(0, 1))
     shifts = np.arange(-(k - 1), k)
-    small = correlation[shifts[:, None] % grid, shifts[None, :] % grid].astype(np.complex64)  # [2k-1, 2k-1, C, C]
-    along_y = centred_dft_rows(-shifts, ny)                       # [ny, 2k-1]
-    along_x = centred_dft_rows(-shifts, nx)                       # [nx, 2k-1]
-    operator = np.einsum("ya,abcd,xb->cdyx", along_y, small, along_x, optimize=True)
-    return np.ascontiguousarray(operator.conj()) / np.float32(k * k)
+    return correlation[shifts[:, None] % grid, shifts[None, :] % grid].conj().astype(np.complex64)
 
 
-def low_resolution_start(reference: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Unit-norm coil vectors [C, ny, nx] of the reference block's zero-padded low-resolution coil
-    images (constant where they vanish): the power iteration's start."""
+def image_space_operator(kernels: np.ndarray, shape: tuple[int, int],
+                         points: tuple[int, int] | None = None) -> np.ndarray:
+    """Per-pixel C x C matrices G, laid out [py, px, C, C] (complex64), of the kernels'
+    image-domain projection on the `points` grid (`grid_positions` over `shape`; every pixel by
+    default): G(r)[c, d] = sum over kernels j of conj(K_jc(r)) K_jd(r) / k^2, with K_jc(r) the
+    image-domain kernel. Each entry is a trigonometric polynomial (the Fourier transform of a
+    kernel cross-correlation of support (2k-1)^2), so any grid is two small matrix products."""
+    coils, k = kernels.shape[0], kernels.shape[1]
+    py, px = points or shape
+    small = kernel_correlations(kernels) / np.float32(k * k)      # [2k-1, 2k-1, C, C]
+    taps = small.shape[0]
+    shifts = np.arange(-(k - 1), k)
+    along_x = centred_dft_rows(shifts, shape[1], px)              # conj of the -shifts rows
+    along_y = centred_dft_rows(shifts, shape[0], py)
+    columns = np.matmul(along_x, small.reshape(taps, taps, -1))    # [2k-1, px, C*C]
+    return (along_y @ columns.reshape(taps, -1)).reshape(py, px, coils, coils)
+
+
+def low_resolution_start(reference: np.ndarray, shape: tuple[int, int],
+                         points: tuple[int, int] | None = None) -> np.ndarray:
+    """Unit-norm coil vectors [C, py, px] of the reference block's low-resolution coil images
+    (constant where they vanish) on the `points` grid over `shape`: the power iteration's start.
+    On a coarse grid the block is cropped to the grid's band (a smoother start, same role)."""
     from .fft import ifftc
 
     coils, ly, lx = reference.shape
-    ny, nx = shape
-    grid = np.zeros((coils, ny, nx), dtype=np.complex64)
-    y0, x0 = max(0, ny // 2 - ly // 2), max(0, nx // 2 - lx // 2)
-    grid[:, y0:y0 + min(ly, ny), x0:x0 + min(lx, nx)] = reference[:, :ny, :nx]
+    py, px = points or shape
+    cy, cx = min(ly, py), min(lx, px)
+    grid = np.zeros((coils, py, px), dtype=np.complex64)
+    y0, x0 = py // 2 - cy // 2, px // 2 - cx // 2
+    grid[:, y0:y0 + cy, x0:x0 + cx] = reference[:, ly // 2 - cy // 2:ly // 2 - cy // 2 + cy,
+                                                lx // 2 - cx // 2:lx // 2 - cx // 2 + cx]
     images = ifftc(grid, axes=(1, 2))
     norm = np.sqrt(np.sum(np.abs(images) ** 2, axis=0))
     start = np.where(norm > 1e-6 * max(float(norm.max()), 1e-30), images / np.maximum(norm, 1e-30),
@@ -99,9 +225,63 @@ def low_resolution_start(reference: np.ndarray, shape: tuple[int, int]) -> np.nd
     return start.astype(np.complex64)
 
 
+def top_eigenvectors(operator: np.ndarray, start: np.ndarray,
+                     iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    """Power iteration on per-pixel matrices operator [py, px, C, C] from start [C, py, px]:
+    (unit vectors [py, px, C], Rayleigh quotients [py, px]). A batched matrix-vector product
+    over pixels; one product on 64x64 pixels took 0.36 ms at 16 coils (per-coil multiply-add
+    1.2 ms, einsum 1.9 ms) and 0.33 ms at 8 (0.16 ms, 0.58 ms): the multiply-add wins only where
+    both are negligible."""
+    vector = np.ascontiguousarray(np.moveaxis(start, 0, -1))[..., None]      # [py, px, C, 1]
+    for _ in range(iterations):
+        vector = operator @ vector
+        vector /= np.maximum(np.sqrt(np.sum(vector.real ** 2 + vector.imag ** 2, axis=-2, keepdims=True)),
+                             np.float32(1e-30))
+    eigenvalue = np.sum((vector.conj() * (operator @ vector)).real, axis=(-2, -1))
+    return vector[..., 0], eigenvalue
+
+
+def cubic_weights(offset: np.ndarray) -> np.ndarray:
+    """[len(offset), 4] Keys cubic convolution weights (a = -0.5) of the samples at -1, 0, 1, 2
+    for fractional positions `offset` in [0, 1): third-order accurate, exact for quadratics."""
+    t = offset[:, None] - np.arange(-1, 3)[None, :]
+    t = np.abs(t)
+    return np.where(t <= 1, 1.5 * t ** 3 - 2.5 * t ** 2 + 1,
+                    np.where(t < 2, -0.5 * t ** 3 + 2.5 * t ** 2 - 4 * t + 2, 0.0)).astype(np.float32)
+
+
+def periodic_cubic(values: np.ndarray, axis: int, n: int) -> np.ndarray:
+    """Samples of `values` at grid_positions(n, m) along `axis` (m points, periodic over the field of
+    view like every image-domain function of the DFT) interpolated onto all n pixels."""
+    points = values.shape[axis]
+    if points == n:
+        return values
+    moved = np.moveaxis(values, axis, -1)
+    if n % points == 0:
+        # every f-th pixel: each output phase within a sample interval has fixed weights, so the
+        # result is 4 shifted slices per phase (5-8x faster than gathering 4 taps per pixel)
+        factor = n // points
+        weights = cubic_weights(np.arange(factor) / factor)
+        padded = np.concatenate([moved[..., -1:], moved, moved[..., :2]], axis=-1)
+        result = np.empty(moved.shape[:-1] + (points, factor), dtype=np.result_type(values, np.float32))
+        for phase in range(factor):
+            column = padded[..., 0:points] * weights[phase, 0]
+            for tap in range(1, 4):
+                column += padded[..., tap:tap + points] * weights[phase, tap]
+            result[..., phase] = column
+        return np.moveaxis(result.reshape(moved.shape[:-1] + (n,)), -1, axis)
+    position = np.arange(n) * (points / n)
+    base = np.floor(position).astype(np.int64)
+    weights = cubic_weights(position - base)
+    result = np.take(moved, base - 1, axis=-1, mode="wrap") * weights[:, 0]
+    for tap in range(1, 4):
+        result += np.take(moved, base + tap - 1, axis=-1, mode="wrap") * weights[:, tap]
+    return np.moveaxis(result, -1, axis)
+
+
 def espirit_maps(reference: np.ndarray, shape: tuple[int, int], kernel: int = DEFAULT_KERNEL,
                  threshold: float = DEFAULT_THRESHOLD, iterations: int = 12,
-                 crop: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                 crop: float = 0.0, grid: int | None = DEFAULT_GRID) -> tuple[np.ndarray, np.ndarray]:
     """ESPIRiT sensitivities [C, ny, nx] (complex64, unit root-sum-of-squares where the
     eigenvalue is > 0) and eigenvalues [ny, nx] from the reference block [C, ly, lx] (centred in
     k-space, any lx <= nx; the full readout width gives the sharpest maps).
@@ -110,18 +290,36 @@ def espirit_maps(reference: np.ndarray, shape: tuple[int, int], kernel: int = DE
     pixel close to the sensitivities, i.e. to the first eigenvector): from a constant start, 12
     iterations had not converged on the 14-channel Siemens slice (low-resolution projection
     residual 0.128, a streak through the SENSE and PISF v2 images; 0.023 after 40 iterations),
-    from this start 6 reach 0.022; SENSE on the evaluation datasets moved by <= 0.1 dB."""
+    from this start 6 reach 0.022; SENSE on the evaluation datasets moved by <= 0.1 dB.
+
+    grid: the operator and the power iteration run on every f-th pixel (`coarse_shape`: at least
+    `grid` points per axis; None: every pixel) and the maps are interpolated (cubic) onto the
+    image grid: 1/16 of the pixels at 256x256, 1/36 at 384x384. What is interpolated is
+    u = v conj(v_0), the first column of the projector v v^H: smooth wherever v is, with no phase
+    wrap where coil 0 is weak (interpolating the phase-referenced map instead rang there: 4e-2 vs
+    2e-3 worst gauge-invariant error on the in-vivo brain at 32 points); u / |u| is the map
+    referenced to coil 0 again. Against per-pixel eigenvectors on the full grid, inside the object:
+    mean error 2e-6 (phantom 256, cimax 128) to 2e-5 (simulated), max 1e-4 (real phantoms) to
+    3e-2 at a few pixels where the eigenvalue gap closes (simulated, edge of the FOV); SENSE and
+    the PISF model on the 39 evaluation cases moved by <= 0.08 dB (mean +0.005 / -0.000 dB)."""
     reference = np.asarray(reference)
     coils, ly, lx = reference.shape
+    ny, nx = (int(n) for n in shape)
     kernel = min(kernel, ly, lx)
-    operator = image_space_operator(signal_kernels(reference, kernel, threshold), shape)   # [C, C, ny, nx]
-    vector = low_resolution_start(reference, tuple(shape))
-    for _ in range(iterations):
-        vector = np.einsum("cdyx,dyx->cyx", operator, vector)
-        vector /= np.maximum(np.sqrt(np.sum(np.abs(vector) ** 2, axis=0)), 1e-30)
-    eigenvalue = np.real(np.sum(vector.conj() * np.einsum("cdyx,dyx->cyx", operator, vector), axis=0))
-    first = vector[0]
-    maps = vector * (first.conj() / np.maximum(np.abs(first), 1e-30))
+    points = coarse_shape((ny, nx), grid)
+    operator = image_space_operator(signal_kernels(reference, kernel, threshold), (ny, nx), points)
+    start = low_resolution_start(reference, (ny, nx), points)
+    vector, eigenvalue = top_eigenvectors(operator, start, iterations)
+    vector = np.moveaxis(vector, -1, 0)                                       # [C, py, px]
+    projector_column = vector * vector[0].conj()                              # u = v conj(v_0)
+    projector_column[0] = np.abs(vector[0]) ** 2                              # exactly real, >= 0
+    projector_column = periodic_cubic(periodic_cubic(projector_column, 1, ny), 2, nx)
+    eigenvalue = periodic_cubic(periodic_cubic(eigenvalue, 0, ny), 1, nx)
+    norm = np.sqrt(np.sum(projector_column.real ** 2 + projector_column.imag ** 2, axis=0))
+    # coil 0 of u is real (v_0 conj(v_0), real weights); where the cubic undershoots it below 0
+    # the sign flip keeps the map's coil 0 real positive
+    scale = np.where(projector_column[0].real < 0, -1.0, 1.0).astype(np.float32) / np.maximum(norm, 1e-30)
+    maps = projector_column * scale
     if crop > 0:
         maps = maps * (eigenvalue > crop)
     return maps.astype(np.complex64), eigenvalue.astype(np.float32)
