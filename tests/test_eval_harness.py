@@ -220,3 +220,24 @@ def test_pisf_evaluate_cli_quick(tmp_path):
         assert set(row["metrics"]) == {"zero_filled", "pisf_sense", "zf_again"}
         assert row["metrics"]["zf_again"]["psnr"] == pytest.approx(row["metrics"]["zero_filled"]["psnr"])
     assert (out / "figure_brain16.png").is_file() and "pisf_sense PSNR / SSIM" in (out / "results.md").read_text()
+
+
+def test_classical_table_is_a_pisf_subcommand(tmp_path, capsys):
+    from tools.cli import SUBCOMMANDS, main
+    from tools.evaluation.classical_table import table
+
+    assert SUBCOMMANDS["classical-table"][0] == "tools.evaluation.classical_table"
+    assert main(["classical-table", str(tmp_path / "no_run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pisf classical-table: error: FileNotFoundError") and "\n" not in err
+
+    def m(psnr):
+        return {"psnr": psnr, "ssim": 0.5}
+
+    row = {"dataset": "phantom", "case": "equispaced_R4_embedded", "R_achieved": 3.9,
+           "metrics": {"zero_filled": m(20.0), "bart_sense_l2": m(30.0), "sense": m(29.0), "grappa": m(31.0)},
+           "seconds": {"bart_sense_l2": 2.0, "sense": 1.0, "grappa": 0.5}}
+    text = table({"rows": [row]}, {("phantom", "equispaced_R4_embedded"): {"metrics": m(28.0), "seconds": 1.5}})
+    line = next(l for l in text.splitlines() if l.startswith("| phantom"))
+    assert "| 29.00 / 0.500 | -1.00 | +1.00 |" in line              # sense vs BART tuned, vs fixed
+    assert "sense time / BART l2 tuned (ecalib + pics) time: median 0.50" in text
