@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from gadgets.numerics.pisf_unrolled import UnrolledPisf, conjugate_gradient, multi_shift_cg  # noqa: E402
+from gadgets.numerics.pisf_unrolled import UnrolledPisf, compress_rows, conjugate_gradient, multi_shift_cg  # noqa: E402
 from gadgets.numerics.sense_rows import RowSense  # noqa: E402
 from models import pisf_v3  # noqa: E402
 from models.pisf_sense import DenseNormal, FftNormal, SenseNetConfig, build  # noqa: E402
@@ -52,6 +52,17 @@ def test_numpy_row_operator_equals_torch_operator(ny):
     # the scale of lambda and mu, as the torch network computes it
     from models.pisf_sense import mean_diagonal
     assert np.allclose(operator.mean_diagonal(), mean_diagonal(mask, sens).numpy(), rtol=1e-5)
+
+
+def test_per_row_coil_rotation_leaves_the_normal_system_unchanged():
+    kspace, mask, sens = random_rows(4, 40, 8, 11)
+    data, maps = complex_rows(kspace), complex_rows(sens)
+    rotated_data, rotated_maps = compress_rows(data, maps, 8)
+    original, rotated = RowSense(maps, mask[:, 0].numpy()), RowSense(rotated_maps, mask[:, 0].numpy())
+    x = (np.random.default_rng(1).normal(size=(4, 40, 2)) @ [1, 1j]).astype(np.complex64)
+    assert np.abs(rotated.normal(x) - original.normal(x)).max() < 1e-5 * np.abs(original.normal(x)).max()
+    assert np.abs(rotated.adjoint(rotated_data) - original.adjoint(data)).max() < 1e-5 * np.abs(original.adjoint(data)).max()
+    assert compress_rows(data, maps, 5)[1].shape == (4, 5, 40)
 
 
 def test_multi_shift_cg_equals_two_separate_cg_runs():

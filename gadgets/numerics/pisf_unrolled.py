@@ -79,6 +79,17 @@ def multi_shift_cg(operator: RowSense, shifts: tuple[np.ndarray, np.ndarray], rh
     return [x, x_other]
 
 
+def compress_rows(measured: np.ndarray, maps: np.ndarray, coils: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row coil compression: rotate each row's coils to the left singular vectors of its
+    maps [C, ny] and keep the first `coils`. A unitary rotation leaves N and b unchanged; the
+    dropped components carry the least map energy of that row. Off by default: on the 39 dev
+    cases (v3, --no-bart) 16 -> 8 coils cost <= 0.03 dB, -> 6 <= 0.07 dB, -> 4 up to 2.2 dB, for
+    0.87-1.05x the time per case (the regulariser bank, not the FFTs, dominates)."""
+    u, _, _ = np.linalg.svd(maps, full_matrices=False)                 # [rows, C, C]
+    rotation = np.conj(np.swapaxes(u[:, :, :coils], 1, 2)).astype(np.complex64)   # [rows, r, C]
+    return rotation @ measured, rotation @ maps
+
+
 def pairs(image: np.ndarray) -> np.ndarray:
     """complex [rows, ny] -> float32 [rows, 2, ny] (real, imaginary)."""
     return np.ascontiguousarray(np.stack([image.real, image.imag], axis=1), dtype=np.float32)
@@ -87,7 +98,8 @@ def pairs(image: np.ndarray) -> np.ndarray:
 class UnrolledPisf:
     """Contract 3's unrolled network around an onnxruntime session of the regulariser bank."""
 
-    def __init__(self, session, metadata: dict, threads: int = 1, multi_shift: bool = True):
+    def __init__(self, session, metadata: dict, threads: int = 1, multi_shift: bool = True, row_coils: int = 0):
+        """row_coils > 0: per-row coil compression (see `compress_rows`) to that many coils."""
         missing = [key for key in REQUIRED_METADATA if key not in metadata]
         if missing:
             raise ValueError(f"contract-3 model lacks metadata {missing} (models/CONTRACT.md)")
@@ -100,6 +112,7 @@ class UnrolledPisf:
         self.init_cg, self.block_cg = int(metadata["init_cg"]), int(metadata["block_cg"])
         self.threads = threads
         self.multi_shift = multi_shift
+        self.row_coils = row_coils
 
     def starts(self, operator: RowSense, rhs: np.ndarray, scale: np.ndarray) -> list[np.ndarray]:
         """The two Tikhonov starts (sharp, smooth)."""
@@ -114,6 +127,8 @@ class UnrolledPisf:
     def run(self, measured: np.ndarray, mask: np.ndarray, maps: np.ndarray) -> np.ndarray:
         """Image rows [rows, ny] (complex64) from measured rows [rows, C, ny] (normalised hybrid
         data), mask [ny] or [rows, ny] and maps [rows, C, ny]."""
+        if 0 < self.row_coils < maps.shape[1]:
+            measured, maps = compress_rows(measured, maps, self.row_coils)
         operator = RowSense(maps, mask, self.threads)
         rhs = operator.adjoint(measured)
         scale = operator.mean_diagonal()
