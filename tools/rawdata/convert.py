@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from tools.rawdata.masks import CONVERSION_KINDS, conversion_mask
-from tools.rawdata.source import SLICE_KEY_FIELDS, ConvertError, Line, Source
+from tools.rawdata.source import SLICE_KEY_FIELDS, ConvertError, Line, Source, file_identity
 
 FORMATS = ("twix", "fastmri", "cmrxrecon", "bart")
 MASKS = CONVERSION_KINDS
@@ -429,6 +429,8 @@ def convert(input_path: Path | str, out_path: Path | str, fmt: str | None = None
              "[slice, phase, y, x])")
     else:
         truth = reference_images(source)
+    # no <version>, a DEVICE_SUBJECT_SESSION_MEAS measurement ID and its IDs: what Gadgetron 4.7 accepts
+    (source.identity or file_identity(input_path, source.format)).write_into(header)
     header_xml = xsd.ToXML(header)
 
     counts = {"noise": 0, "reference": 0, "image": 0, "other": 0}

@@ -28,6 +28,7 @@ import numpy as np
 
 from gadgets.numerics.coils import root_sum_of_squares
 from gadgets.numerics.fft import fftc, ifftc
+from gadgets.wire.validate import ScanIdentity
 from tools.rawdata.groundtruth import GROUNDTRUTH_NAME, write_groundtruth
 from tools.rawdata.masks import simulation_lines
 
@@ -321,11 +322,9 @@ def build_header(*, matrix, oversampling, fov_mm, thickness_mm, coils, slices, p
                                                           kspace_encoding_step_2=1),
             calibrationMode=xsd.calibrationModeType.EMBEDDED),
     )
-    return xsd.ismrmrdHeader(
-        version=1,
+    header = xsd.ismrmrdHeader(
         measurementInformation=xsd.measurementInformationType(
-            measurementID=f"PISF_SIM_{seed}", patientPosition=xsd.patientPositionType.HFS,
-            protocolName=f"pisf_sim_{sequence}"),
+            patientPosition=xsd.patientPositionType.HFS, protocolName=f"pisf_sim_{sequence}"),
         acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
             systemVendor="PISF", systemModel="simulator", systemFieldStrength_T=field_t,
             relativeReceiverNoiseBandwidth=1.0,  # simulated noise is white over the band
@@ -337,6 +336,14 @@ def build_header(*, matrix, oversampling, fov_mm, thickness_mm, coils, slices, p
             TR=[tr_ms], TE=[te_ms], flipAngle_deg=[flip_deg],
             sequence_type="SpinEcho" if sequence == "se" else "GradientEcho"),
     )
+    # no <version>, a DEVICE_SUBJECT_SESSION_MEAS measurement ID and its IDs: what Gadgetron 4.7 accepts
+    simulated_identity(seed).write_into(header)
+    return header
+
+
+def simulated_identity(seed: int) -> ScanIdentity:
+    """The simulator is the device, the phantom of this seed the subject, measurement number = seed."""
+    return ScanIdentity(device="PISF-SIM", patient=f"PHANTOM-{seed}", study="PISF-SIM", measurement=str(seed))
 
 
 # ----------------------------------------------------------------------------------------

@@ -8,12 +8,16 @@ import only this module, so there is no circle between the command and its reade
 """
 from __future__ import annotations
 
+import re
+import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from gadgets.numerics.reference import MIN_CONVERTED_REFERENCE_LINES
+from gadgets.wire.validate import ScanIdentity
 
 TICKS_PER_LINE = 4  # time stamps of array formats: one line per 10 ms (2.5 ms ticks)
 
@@ -51,6 +55,7 @@ class Source:
     warnings: list[str] = field(default_factory=list)
     frame_counter: str = "phase"  # the counter a mask's frame index follows (cmrxrecon-kt)
     holes_in_lines: bool = False  # sent lines miss samples (2D undersampling): never "fully sampled"
+    identity: ScanIdentity | None = None  # device, patient, study, measurement; None: made from the file name
 
 
 @dataclass
@@ -90,13 +95,28 @@ def array_header(*, coils: int, nx: int, ny: int, recon: tuple[int, int], fov_mm
             repetition=limit(k[3] for k in keys), set=limit(k[4] for k in keys),
             average=xsd.limitType(minimum=0, maximum=0, center=0), segment=xsd.limitType(minimum=0, maximum=0, center=0)))
     return xsd.ismrmrdHeader(
-        version=1,
         measurementInformation=xsd.measurementInformationType(patientPosition=xsd.patientPositionType.HFS,
                                                               protocolName=system),
         acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
             systemVendor=system, systemFieldStrength_T=field_t, receiverChannels=coils),
         experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=int(round(42.577478e6 * field_t))),
         encoding=[encoding])
+
+
+# ---------------------------------------------------------------- the header's identity (Gadgetron)
+def id_part(text: object) -> str:
+    """One DEVICE/SUBJECT/SESSION part of a measurement ID: Gadgetron splits the ID at its first
+    three underscores, so they (and white space) become '-'."""
+    return re.sub(r"[_\s]+", "-", str(text).strip()) or "0"
+
+
+def file_identity(path: Path | str, fmt: str) -> ScanIdentity:
+    """The identity of a converted file that carries none: device PISF-<FORMAT>, the file name as
+    subject, session PISF-CONVERT, and a measurement number from the file name (stable, so the
+    same file converts to the same IDs)."""
+    name = Path(path).name
+    return ScanIdentity(device=f"PISF-{fmt.upper()}", patient=id_part(Path(path).stem), study="PISF-CONVERT",
+                        measurement=str(zlib.crc32(name.encode("utf-8")) % 100000))
 
 
 def default_positions(slices: int, thickness_mm: float) -> list[tuple[float, float, float]]:

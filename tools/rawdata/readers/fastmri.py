@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.rawdata.source import (ArrayImage, ConvertError, Source, array_header, array_lines, default_positions)
+from gadgets.wire.validate import ScanIdentity
+from tools.rawdata.source import (ArrayImage, ConvertError, Source, array_header, array_lines, default_positions,
+                                  id_part)
 
 
 def _file_header(header_text: str | None, nx: int, columns: int, warnings: list[str]):
@@ -111,4 +113,10 @@ def read_fastmri_source(path: Path) -> Source:
     lines = array_lines(images, first_column=first_column, column_range=(ky_first, ky_first + ky_count), sampled=sampled)
     description = (f"fastMRI multicoil {acquisition or 'k-space'}: {slices} slice(s), {coils} coils, "
                    f"{nx} readout samples x {columns} PE columns")
-    return Source("fastmri", description, header, lines, warnings)
+    # fastMRI's headers come from siemens_to_ismrmrd: keep a DEVICE_SUBJECT_SESSION_MEAS measurement ID
+    measurement = header.measurementInformation
+    identity = ScanIdentity.from_measurement_id(measurement.measurementID if measurement is not None else None)
+    if identity is not None:
+        identity = ScanIdentity(*(id_part(part) for part in (identity.device, identity.patient, identity.study)),
+                                identity.measurement)
+    return Source("fastmri", description, header, lines, warnings, identity=identity)

@@ -24,7 +24,8 @@ sKSpace / sSliceArray, Meas iRoFTLength / iPEFTLength / flReadoutOSFactor) when 
 it; where they do not (Pulseq sequences leave a placeholder protocol), from the data: readout
 length = samples per line, ky/kz limits = the counters' ranges, centre = the lines' CenterLin
 (or the middle when every line says 0), with a warning. Frequency, field, vendor, model, patient
-position, TR/TE/flip angle, acceleration and reference mode from the protocol.
+position, TR/TE/flip angle, acceleration and reference mode from the protocol. Identity as
+siemens_to_ismrmrd forms it (`_identity`): measurement ID DeviceSerialNumber_Patient_Study_MeasUID.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.rawdata.source import ConvertError, Line, Source
+from gadgets.wire.validate import ScanIdentity
+from tools.rawdata.source import ConvertError, Line, Source, id_part
 
 RAID_HEADER_BYTES = 10240          # VD/VE multi-raid file header
 RAID_ENTRY_BYTES = 152
@@ -223,7 +225,26 @@ def read_twix_source(path: Path, measurement: int | None = None) -> Source:
     description = (f"Siemens twix {version} ({model}, {dicom.get('SoftwareVersions', '').strip() or 'unknown software'}), "
                    f"measurement {index + 1} of {len(measurements)}: {readouts.coils} coils, {matrix.samples} samples "
                    f"per line, readout oversampling {matrix.oversampling:g}")
-    return Source("twix", description, header, lines, warnings)
+    return Source("twix", description, header, lines, warnings, identity=_identity(meas, dicom, readouts))
+
+
+def _identity(meas: dict, dicom: dict, readouts: "Readouts") -> ScanIdentity:
+    """DeviceSerialNumber_PatientID_StudyID_MeasUID, the measurement ID siemens_to_ismrmrd forms:
+    the patient is IRIS.RECOMPOSE's PatientLOID, else its PatientID; the study its StudyLOID
+    (twixtools flattens these into the `Meas` keys). Where siemens_to_ismrmrd cuts five characters
+    off a LOID (meant for a 'LOID:' prefix) we remove only a literal 'LOID:' prefix; '_' inside a
+    part becomes '-', since Gadgetron splits the ID at its first three underscores."""
+    def text(value) -> str:
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))  # twixtools reads "213010" as 213010.0
+        value = str(value or "").strip()
+        return value[len("LOID:"):] if value.upper().startswith("LOID:") else value
+
+    device = text(dicom.get("DeviceSerialNumber") or meas.get("DeviceSerialNumber")) or "SIEMENS"
+    patient = text(meas.get("PatientLOID")) or text(meas.get("PatientID")) or text(dicom.get("PatientID")) or "UNKNOWN-PATIENT"
+    study = text(meas.get("StudyLOID")) or text(dicom.get("StudyID")) or "UNKNOWN-STUDY"
+    measurement = text(meas.get("MeasUID")) or str(int(readouts.image[0].mdh.MeasUID))
+    return ScanIdentity(id_part(device), id_part(patient), id_part(study), measurement)
 
 
 def _measurement_index(measurements: list[dict], measurement: int | None) -> int:
@@ -402,9 +423,7 @@ def _header(encoding, yaps: dict, meas: dict, dicom: dict, readouts: Readouts, w
     flip = [float(v) for v in (yaps.get("adFlipAngleDegree") or [])[:1]]
     protocol = str(dicom.get("tProtocolName") or yaps.get("tProtocolName") or "twix")
     header = xsd.ismrmrdHeader(
-        version=1,
         measurementInformation=xsd.measurementInformationType(
-            measurementID=str(dicom.get("DeviceSerialNumber", "")).split(".")[0] + f"_{int(readouts.image[0].mdh.MeasUID)}",
             patientPosition=xsd.patientPositionType(position) if position in PATIENT_POSITIONS else xsd.patientPositionType.HFS,
             protocolName=protocol),
         acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
