@@ -177,6 +177,8 @@ def _chain_from_gadgetron_xml(text: str, origin: str, repository: "ChainReposito
         configuration = next((e for e in external.iter() if e.tag.split("}")[-1] == "configuration"), None)
         properties = configuration_properties(configuration)
         target = execute.get("target", "")
+        if target == "prewhiten":
+            continue  # our prewhitening ahead of Gadgetron's own gadgets: every chain here prewhitens anyway
         # `X_buffers` targets run chain X on Gadgetron's buffers; sent to our own server (which
         # buffers itself) the same chain runs on the acquisitions.
         if target.endswith("_buffers"):

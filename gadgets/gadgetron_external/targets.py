@@ -9,13 +9,21 @@ These targets run the very same chains as the embedded server:
 
 Parameters in `<configuration>` (`<property name=".." value=".."/>`) override the chain's
 stage parameters as `stage.parameter` (e.g. `image_finish.series_index`) and are available to
-stages as context parameters. On failure an ERROR message goes to Gadgetron before CLOSE,
-because gadgetron-python closes normally even after an exception.
+stages as context parameters.
+
+Failure: gadgetron-python closes normally even after an exception, so a failing chain sends
+ERROR (id 8) to Gadgetron, then CLOSE, closes the socket and (in the per-scan process of
+`<execute>`) exits at once with status 1, without waiting for threads. gadgetron-python 1.4.1
+also spins forever at full CPU once Gadgetron has closed the socket (its reader loops on
+recv() == b""): every target reads through a socket that raises on end of file instead.
 """
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import struct
+import sys
 
 import numpy as np
 
@@ -25,18 +33,102 @@ from ..context import StreamContext
 from ..items import Notice
 
 log = logging.getLogger("pisf.external")
-_ERROR_ID = 8
+_ERROR_ID, _CLOSE_ID = 8, 4
+
+# target -> (what it reads, what it sends on); gadgets.gadgetron_external.checks follows the types
+TARGET_TYPES = {"pisf": ("acquisition", "image"), "zerofill": ("acquisition", "image"),
+                "chain": ("acquisition", "image"), "pisf_buffers": ("buffer", "image"),
+                "zerofill_buffers": ("buffer", "image"), "chain_buffers": ("buffer", "image"),
+                "prewhiten": ("acquisition", "acquisition")}
 
 
-def _send_error(connection, text: str) -> None:
+class GadgetronClosed(ConnectionError):
+    """Gadgetron closed the connection while we were reading."""
+
+
+class EofSafeSocket:
+    """The socket under a gadgetron-python connection, raising GadgetronClosed at end of file
+    (gadgetron-python's own reader would loop forever on it).
+
+    opening_timeout: seconds allowed for Gadgetron's config and header (a persistent worker
+    builds the connection on this socket); `opened()` then restores what was asked for.
+    """
+
+    def __init__(self, sock: socket.socket, opening_timeout: float | None = None):
+        self._sock = sock
+        self._timeout_after_opening = sock.gettimeout()
+        self._opening = opening_timeout is not None
+        if self._opening:
+            sock.settimeout(opening_timeout)
+
+    def settimeout(self, value) -> None:
+        self._timeout_after_opening = value
+        if not self._opening:
+            self._sock.settimeout(value)
+
+    def opened(self) -> None:
+        self._opening = False
+        self._sock.settimeout(self._timeout_after_opening)
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        data = self._sock.recv(size, flags)
+        if size and not data:
+            raise GadgetronClosed("Gadgetron closed the connection")
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def guard_connection(connection) -> None:
+    """Read the rest of this gadgetron-python connection through an EofSafeSocket."""
+    wrapper = getattr(connection, "socket", None)
+    raw = getattr(wrapper, "socket", None)
+    if raw is not None and not isinstance(raw, EofSafeSocket):
+        wrapper.socket = EofSafeSocket(raw)
+
+
+def _raw_socket(connection):
+    """The socket.socket under a gadgetron-python connection (or the socket itself)."""
+    raw = connection if isinstance(connection, (socket.socket, EofSafeSocket)) else \
+        getattr(getattr(connection, "socket", None), "socket", None)
+    return raw._sock if isinstance(raw, EofSafeSocket) else raw
+
+
+def send_error_and_close(connection, text: str) -> None:
+    """ERROR (uint64 length + text), then CLOSE, then close the socket: each step on its own, so a
+    peer that is gone already costs nothing more than a log line."""
     raw = text.encode("utf-8")
+    sock = _raw_socket(connection)
+    if sock is None:
+        return
+    for what, frame in (("ERROR", struct.pack("<HQ", _ERROR_ID, len(raw)) + raw),
+                        ("CLOSE", struct.pack("<H", _CLOSE_ID))):
+        try:
+            sock.sendall(frame)
+        except OSError as exc:
+            log.warning("could not send %s to Gadgetron: %s", what, exc)
+            break
     try:
-        connection.socket.write(struct.pack("<HQ", _ERROR_ID, len(raw)) + raw)
+        sock.shutdown(socket.SHUT_RDWR)
     except OSError:
-        log.exception("could not send ERROR to Gadgetron")
+        pass
+    sock.close()
 
 
-# Stages Gadgetron itself has done before BucketToBuffer (NoiseAdjust, RemoveROOversampling,
+def exit_now(status: int = 1) -> None:
+    """Leave the per-scan process at once: logs flushed, no waiting for threads (model sessions,
+    pools) that would keep a failed scan's process alive."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+# Stages done before BucketToBuffer (our `prewhiten` node or NoiseAdjust, RemoveROOversampling,
 # AcquisitionAccumulateTrigger + BucketToBuffer): dropped when our chain receives ReconData.
 BUFFERED_UPSTREAM = ("noise_prewhitening", "remove_oversampling", "slice_accumulator")
 
@@ -54,22 +146,27 @@ def _sendable(item):
 
 
 def run_chain(connection, chain_name: str | None = None, buffers: bool = False,
-              defaults: dict[str, str] | None = None) -> None:
+              defaults: dict[str, str] | None = None, only: tuple[str, ...] | None = None) -> None:
     """Run a chain over a gadgetron-python connection; the chain name may come from the config.
 
     defaults: properties that apply unless the connection's `<configuration>` sets them.
     buffers: the input is Gadgetron ReconData (after BucketToBuffer); the chain's buffering stages
     are dropped and the buffers become KSpaceSlices (gadgets.gadgetron_external.recondata).
+    only: run just these stages of the chain (the `prewhiten` target).
+    On failure: ERROR and CLOSE to Gadgetron, socket closed, then the exception is raised again.
     """
     # defaults: properties of a persistent worker (pisf gadgetron-worker --property), under the config's
     properties = {**(defaults or {}), **configuration_properties(getattr(connection, "config", None))}
     chain_name = properties.get("chain", chain_name or "zerofill")
     try:
+        guard_connection(connection)
         limit_blas_threads()  # inside the try: any failure must reach Gadgetron as ERROR
         spec = ChainRepository.shared().load(chain_name)
         apply_overrides(spec, properties)
         if buffers:
             spec.stages = [(name, parameters) for name, parameters in spec.stages if name not in BUFFERED_UPSTREAM]
+        if only is not None:
+            spec.stages = [(name, parameters) for name, parameters in spec.stages if name in only]
         context = StreamContext(header=connection.header, parameters=dict(properties))
         stages = spec.build(context)
         if buffers:
@@ -85,33 +182,49 @@ def run_chain(connection, chain_name: str | None = None, buffers: bool = False,
                 connection.send(_sendable(output))
     except Exception as exc:
         log.exception("chain %s failed", chain_name)
-        _send_error(connection, f"pisf chain {chain_name!r} failed: {type(exc).__name__}: {exc}")
+        send_error_and_close(connection, f"pisf chain {chain_name!r} failed: {type(exc).__name__}: {exc}")
         raise
 
 
+def _run_scan(connection, chain_name: str | None, buffers: bool = False, only: tuple[str, ...] | None = None) -> None:
+    """One `<execute>` scan in its own process: on failure the process ends at once (status 1)."""
+    try:
+        run_chain(connection, chain_name, buffers=buffers, only=only)
+    except Exception:  # already logged and sent to Gadgetron as ERROR
+        exit_now(1)
+
+
 def zerofill(connection) -> None:
-    run_chain(connection, "zerofill")
+    _run_scan(connection, "zerofill")
 
 
 def pisf(connection) -> None:
-    run_chain(connection, "pisf")
+    _run_scan(connection, "pisf")
 
 
 def chain(connection) -> None:
     """Generic target: the chain is named by the `chain` property of `<configuration>`."""
-    run_chain(connection, None)
+    _run_scan(connection, None)
 
 
 def pisf_buffers(connection) -> None:
-    """PISF on Gadgetron ReconData buffers (after NoiseAdjust, RemoveROOversampling,
+    """PISF on Gadgetron ReconData buffers (after our prewhitening, RemoveROOversampling,
     AcquisitionAccumulateTrigger, BucketToBuffer)."""
-    run_chain(connection, "pisf", buffers=True)
+    _run_scan(connection, "pisf", buffers=True)
 
 
 def zerofill_buffers(connection) -> None:
-    run_chain(connection, "zerofill", buffers=True)
+    _run_scan(connection, "zerofill", buffers=True)
 
 
 def chain_buffers(connection) -> None:
     """Like `chain`, for ReconData input."""
-    run_chain(connection, None, buffers=True)
+    _run_scan(connection, None, buffers=True)
+
+
+def prewhiten(connection) -> None:
+    """Noise prewhitening alone, ahead of Gadgetron's own gadgets: acquisitions in, whitened
+    acquisitions out, noise readouts consumed (the `noise_prewhitening` stage of the chain named
+    by `chain`, default pisf). Replaces NoiseAdjustGadget, which needs a storage server, and runs on
+    a distributed chain's gateway so that every worker gets whitened lines."""
+    _run_scan(connection, "pisf", only=("noise_prewhitening",))

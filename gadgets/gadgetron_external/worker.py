@@ -11,7 +11,12 @@ gadgets.gadgetron_external.targets:
 
 Input type can also be left to the data: without --buffers a scan whose first message is a
 ReconData is handled as buffers. The `<configuration>` of the chain (properties `chain`,
-`gadget.parameter`) applies per connection, as with `<execute>`.
+`gadget.parameter`) applies per connection, as with `<execute>`; in a distributed chain Gadgetron
+forwards no `<configuration>` to the workers, so their properties go on this command line.
+
+A connection that fails gets ERROR and CLOSE and is closed; one that sends no config and header
+within --opening-timeout seconds, or that Gadgetron closes, ends without holding a thread. The
+worker itself carries on serving.
 """
 from __future__ import annotations
 
@@ -39,24 +44,47 @@ class _Peeked:
 
 
 def serve_connection(sock: socket.socket, chain: str, buffers: bool | None,
-                     defaults: dict[str, str] | None = None) -> None:
-    """One Gadgetron connection: config, header, items, CLOSE (ERROR first on failure)."""
+                     defaults: dict[str, str] | None = None, opening_timeout_s: float = 60.0) -> None:
+    """One Gadgetron connection: config, header, items, CLOSE; on any failure ERROR, CLOSE and the
+    socket closed, so neither Gadgetron nor this thread waits. The worker itself carries on."""
     from gadgetron.external.connection import Connection
 
-    from .targets import run_chain
+    from ..context import Encoding
+    from .targets import EofSafeSocket, run_chain, send_error_and_close
 
+    # Gadgetron sends config and header as soon as it connects: a peer that does not is cut off
+    # after opening_timeout_s instead of holding a thread (gadgetron-python would wait forever).
+    guarded = EofSafeSocket(sock, opening_timeout=opening_timeout_s)
     try:
-        with Connection(sock) as connection:
-            if buffers is None:
-                try:
-                    mid, first = connection.next()
-                except StopIteration:
-                    return  # config + header + CLOSE: nothing to reconstruct
-                buffers = mid == 1023
-                connection = _Peeked(connection, first, mid)
-            run_chain(connection, chain, buffers=buffers, defaults=defaults)
+        connection = Connection(guarded)
+    except Exception as exc:  # closed, timed out, or a config/header that does not parse
+        log.warning("connection ended before its config and header were read: %s: %s", type(exc).__name__, exc)
+        send_error_and_close(sock, f"pisf gadgetron-worker: no usable config and header: {type(exc).__name__}: {exc}")
+        return
+    guarded.opened()
+    try:
+        # a header no chain can use fails now, not when the first item arrives (the peek below waits for it)
+        Encoding.from_header(connection.header)
+        if buffers is None:
+            try:
+                mid, first = connection.next()
+            except StopIteration:
+                connection.socket.close()  # config + header + CLOSE: nothing to reconstruct
+                return
+            buffers = mid == 1023
+            connection = _Peeked(connection, first, mid)
+    except Exception as exc:
+        log.warning("connection failed before the scan: %s: %s", type(exc).__name__, exc)
+        send_error_and_close(sock, f"pisf gadgetron-worker: {type(exc).__name__}: {exc}")
+        return
+    try:
+        run_chain(connection, chain, buffers=buffers, defaults=defaults)
     except Exception:
-        log.exception("connection failed")
+        return  # logged, and sent to Gadgetron as ERROR + CLOSE by run_chain
+    try:
+        connection.socket.close()  # CLOSE, as gadgetron-python's own `with` block would send
+    except OSError as exc:
+        log.warning("could not send CLOSE: %s", exc)
 
 
 def make_listener(host: str, port: int) -> socket.socket:
@@ -69,7 +97,8 @@ def make_listener(host: str, port: int) -> socket.socket:
 
 def serve(port: int, chain: str = "pisf", host: str = "", buffers: bool | None = None,
           max_connections: int | None = None, ready: threading.Event | None = None,
-          listener: socket.socket | None = None, defaults: dict[str, str] | None = None) -> None:
+          listener: socket.socket | None = None, defaults: dict[str, str] | None = None,
+          opening_timeout_s: float = 60.0) -> None:
     from ..chain import ChainRepository, apply_overrides
 
     defaults = dict(defaults or {})
@@ -87,7 +116,7 @@ def serve(port: int, chain: str = "pisf", host: str = "", buffers: bool | None =
         while max_connections is None or served < max_connections:
             sock, address = listener.accept()
             log.info("connection from %s", address)
-            thread = threading.Thread(target=serve_connection, args=(sock, chain, buffers, defaults),
+            thread = threading.Thread(target=serve_connection, args=(sock, chain, buffers, defaults, opening_timeout_s),
                                       name=f"gadgetron-connection-{served}", daemon=True)
             thread.start()
             threads.append(thread)
@@ -111,6 +140,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--property", action="append", default=[], metavar="NAME=VALUE",
                         help="default chain property, e.g. pisf_recon.model=/models/x.onnx (a connection's "
                              "<configuration> overrides it); the model of these defaults is loaded at start")
+    parser.add_argument("--opening-timeout", type=float, default=60.0,
+                        help="seconds a connection may take to send its config and header before it is cut off")
     parser.add_argument("--max-connections", type=int, default=None, help="exit after this many (tests)")
     parser.add_argument("--log-level", default="INFO")
 
@@ -125,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
             if not separator or not name:
                 raise SystemExit(f"--property {entry!r}: expected NAME=VALUE")
             defaults[name.strip()] = value
-        serve(args.port, args.chain, args.host, args.buffers, args.max_connections, defaults=defaults)
+        serve(args.port, args.chain, args.host, args.buffers, args.max_connections, defaults=defaults,
+              opening_timeout_s=args.opening_timeout)
     except KeyboardInterrupt:
         pass
     return 0
