@@ -217,7 +217,9 @@ def test_classical_chains_on_interleaved_calibration_from_ismrmrd_tools(server, 
     floor = psnr(reference, scale_match(zerofill.astype(float), reference))
     for chain in ("grappa", "sense"):
         result = replay(shepp_logan_raw, *server.address, config=chain)
-        assert result.closed and result.error is None and not result.texts, (chain, result.texts)
+        # Debian's generator writes <version>8</version>: the server's only TEXT is that Gadgetron 4.7 would refuse it
+        texts = [t for t in result.texts if "leave <version> out" not in t]
+        assert result.closed and result.error is None and not texts, (chain, result.texts)
         assert len(result.images) == 4
         image = next(r.image for r in result.images if r.image.repetition == 0)
         assert image.meta["PISF_ReferenceLines"] == "24"

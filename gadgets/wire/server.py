@@ -32,7 +32,7 @@ from .query import QueryAnswers
 from .session_config import (OPENRECON_NAME, apply_parameters, looks_like_json, parse_client_json,
                              select_chain)
 from .tls import TlsSocket
-from .validate import AcquisitionValidator
+from .validate import AcquisitionValidator, header_warnings
 
 log = logging.getLogger("pisf.server")
 _END = object()
@@ -373,6 +373,9 @@ class ReconServer:
             raise InputError(f"expected the ISMRMRD header (message id 3) after the config, "
                              f"got {type(header_message).__name__}")
         header = parse_header(header_message.text)
+        for warning in header_warnings(header_message.text):  # accepted here, refused by Gadgetron 4.7
+            log.warning("%s: %s", sender.name, warning)
+            sender.send(protocol.frame_text(warning))
         context = StreamContext(header=header, log=logging.getLogger(f"pisf.{sender.name}"))
         validator = AcquisitionValidator.for_header(header)
         # FIRE/OpenRecon: a TEXT right after the header is the client's JSON config; it may
