@@ -124,9 +124,26 @@ def trained_ranges(state: dict) -> dict:
     synth = state.get("synth_cfg", {})
     ny_lo, ny_hi = synth.get("ny_range", (64, 512))
     r_lo, r_hi = synth.get("acceleration", (2.0, 10.0))
-    return {"trained_ny_min": ny_lo, "trained_ny_max": ny_hi,
-            "trained_acceleration_min": r_lo, "trained_acceleration_max": r_hi,
-            "architecture": "sense"}
+    ranges = {"trained_ny_min": ny_lo, "trained_ny_max": ny_hi,
+              "trained_acceleration_min": r_lo, "trained_acceleration_max": r_hi,
+              "architecture": "sense"}
+    ranges.update(trained_coil_limits(synth, (state.get("config") or {}).get("sense_synth") or {}, r_hi))
+    return ranges
+
+
+def trained_coil_limits(synth: dict, sense_synth: dict, r_hi: float) -> dict:
+    """Receive-channel counts the model saw and the highest R at each: `trained_coils_min` and
+    `trained_coil_acceleration` "channels:R,..." (a slice with at least `channels` channels is
+    inside up to R). Few-coil batches (config sense_synth.few_coils) were undersampled at most
+    R = channels; the other batches came from `synth.physical_coils` arrays at any trained R."""
+    arrays = int(synth.get("physical_coils", (8, 32))[0])
+    limits = {arrays: float(r_hi)}
+    if float(sense_synth.get("few_coil_prob", 0) or 0) > 0:
+        for coils in sense_synth.get("few_coils", ()):
+            if int(coils) < arrays:
+                limits[int(coils)] = min(float(coils), float(r_hi))
+    table = ",".join(f"{coils}:{limits[coils]:g}" for coils in sorted(limits))
+    return {"trained_coils_min": min(limits), "trained_coil_acceleration": table}
 
 
 def run(args: argparse.Namespace) -> int:
