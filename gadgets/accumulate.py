@@ -77,8 +77,10 @@ class SliceAccumulator:
                 continue
             finished = self._add(item)
             if finished is not None:
+                self.context.check_cancelled(f"{finished.key}")   # a client that has gone gets no more slices
                 yield self._emit(finished, complete=True, arrival=self.context.last_arrival)
         for key in sorted(self.open):
+            self.context.check_cancelled(f"{key}")
             open_slice = self.open[key]
             if open_slice.line_header is None:  # ACS lines only: nothing to reconstruct
                 yield Notice(f"calibration lines of {key} arrived without imaging lines: no image")

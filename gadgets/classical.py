@@ -164,6 +164,7 @@ class ClassicalRecon:
                 yield item
 
     def _reconstruct(self, item: KSpaceSlice):
+        self.context.check_cancelled(f"{item.key}")
         results = [reconstruct_classical(data, self.method, self.options)
                    for data in partitions(item, self.acs_as_data)]
         first = results[0]

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import ismrmrd
 
 
 class InputError(ValueError):
     """The data contradicts the header or itself; the text is shown to the client as is."""
+
+
+class StreamCancelled(Exception):
+    """The stream's client has gone: stages stop at the next slice instead of computing for nobody."""
 
 
 @dataclass
@@ -81,12 +86,28 @@ class StreamContext:
     when the chain is built, so later stages size their buffers from it.
     last_arrival is the monotonic time the item now being processed reached the server (set by
     the feeding loop) so that latency counts from arrival, backlog included.
+    cancelled is set (by the server) when the client has gone; `peer_gone`, where the server
+    gives one, asks the connection itself (a reset seen by no read yet). Stages call
+    `check_cancelled` before starting work on a slice.
     """
 
     header: Any  # ismrmrd.xsd.ismrmrdHeader
     parameters: dict[str, Any] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("pisf.stream"))
     last_arrival: float | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    peer_gone: Callable[[], bool] | None = None
+
+    def is_cancelled(self) -> bool:
+        """True once the client is known to be gone (sets `cancelled` when the probe finds it)."""
+        if not self.cancelled.is_set() and self.peer_gone is not None and self.peer_gone():
+            self.cancelled.set()
+        return self.cancelled.is_set()
+
+    def check_cancelled(self, what: str = "the next slice") -> None:
+        """StreamCancelled when the client has gone (a stage boundary: nothing started yet)."""
+        if self.is_cancelled():
+            raise StreamCancelled(f"the client has gone; {what} is not computed")
 
     def __post_init__(self):
         self.encoding = Encoding.from_header(self.header)

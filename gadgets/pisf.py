@@ -8,6 +8,13 @@ sessions are safe to run from several threads).
 Before the network runs, a model-range guard checks each slice against the model's metadata and
 reconstructs it with a classical method (gadgets/classical.py) when it is outside; every image
 says which method made it, and PISF images carry quality signals (see PisfRecon).
+
+Slices in flight (gadgets/inference_pool.py): a slice takes one of the server's slots (at most
+`max_slices_in_flight` in all connections together; a stage waits for one, which pushes its
+client back through TCP), is prepared (calibration, compression, normalisation) in its
+connection's thread, then joins the model's inference queue; one worker per model session runs
+the rows of every queued slice (up to `max_rows_per_batch` rows) as one batch. A slice whose
+client has gone is not started, and is dropped from the queue.
 """
 from __future__ import annotations
 
@@ -19,10 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from .classical import METHODS, SERIES, classical_options, reconstruct_classical
-from .context import StreamContext
+from .context import StreamCancelled, StreamContext
 from .finish import SERIES_META
+from .inference_pool import ADMISSION, Cancelled, InferenceScheduler
 from .items import KSpaceSlice, Notice, ReconImage
-from .numerics.pisf_inference import SCAN_CALIBRATED, PisfReconstructor
+from .numerics.pisf_inference import SCAN_CALIBRATED, PisfReconstructor, SliceReconstruction
 from .numerics.quality import normalised_difference
 from .numerics.reference import MIN_CALIBRATION_REFERENCE_LINES
 from .slices import SliceData, acs_as_data_default, partitions
@@ -31,8 +39,12 @@ log = logging.getLogger("pisf.gadget")
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
+DEFAULT_MAX_ROWS_PER_BATCH = 1024    # four 256-row slices per network run
+
 _sessions: dict[tuple, PisfReconstructor] = {}
+_schedulers: dict[tuple, InferenceScheduler] = {}
 _sessions_lock = threading.Lock()
+_declared_limits: list[int] = []     # max_slices_in_flight of the chains warmed up (the smallest wins)
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -86,6 +98,31 @@ def shared_reconstructor(model: str | Path, providers=DEFAULT_PROVIDERS, threads
                      reconstructor.session.get_providers()[0], time.perf_counter() - started)
             _sessions[key] = reconstructor
     return reconstructor
+
+
+def shared_scheduler(reconstructor: PisfReconstructor, max_rows_per_batch: int = DEFAULT_MAX_ROWS_PER_BATCH
+                     ) -> InferenceScheduler:
+    """The process-wide inference queue of this session and row budget (its worker thread starts
+    with the first slice)."""
+    key = (reconstructor, int(max_rows_per_batch))
+
+    def run_batch(prepared):
+        outputs = reconstructor.run_prepared(prepared)
+        return [(output, len(prepared)) for output in outputs]   # each slice learns its batch size
+    with _sessions_lock:
+        scheduler = _schedulers.get(key)
+        if scheduler is None:
+            scheduler = _schedulers[key] = InferenceScheduler(run_batch, max_rows_per_batch,
+                                                              name=f"pisf-inference-{len(_schedulers) + 1}")
+    return scheduler
+
+
+def declare_max_slices_in_flight(limit: int) -> None:
+    """A chain's max_slices_in_flight, at server start (warm-up): the server-wide bound becomes the
+    smallest any chain declares (`pisf serve --max-slices-in-flight` is applied after, and wins)."""
+    with _sessions_lock:
+        _declared_limits.append(int(limit))
+        ADMISSION.set_limit(min(_declared_limits))
 
 
 def _warm_up(reconstructor: PisfReconstructor) -> None:
@@ -163,13 +200,18 @@ class PisfRecon:
     makes. `side_by_side` (grappa or sense) also sends the classical image
     of every slice as its own series (`side_by_side_series_index`, default 3 for grappa, 4 for
     sense). Quality signals in the meta: PISF_DataConsistency (||M F(S x) - y|| / ||y|| on the
-    measured lines) and, side by side, PISF_DiffToClassical (normalised difference)."""
+    measured lines) and, side by side, PISF_DiffToClassical (normalised difference).
+
+    max_rows_per_batch: rows of queued slices (of all connections) run as one batch (0: each
+    slice alone). max_slices_in_flight is a server setting, read when the server starts
+    (`declare_max_slices_in_flight`); per stream (a client's JSON or chain text) it is ignored."""
 
     def __init__(self, context: StreamContext, model: str = "pisf_sense.onnx",
                  providers: list[str] | tuple[str, ...] = DEFAULT_PROVIDERS, threads: int = 0,
                  max_rows_per_run: int = 0, acs_as_data: str | bool = "auto", io_binding: bool | str = "auto",
                  fp16: bool = False, fallback: str = "sense", side_by_side: str | None = None,
-                 side_by_side_series_index: int | None = None, sense_regulariser: str = "l2"):
+                 side_by_side_series_index: int | None = None, sense_regulariser: str = "l2",
+                 max_rows_per_batch: int = DEFAULT_MAX_ROWS_PER_BATCH, max_slices_in_flight: int | None = None):
         self.context = context
         # Embedded ACS lines are measured k-space of this very slice: data consistency should keep
         # them. Separate or interleaved references may differ (resolution, time), so by default
@@ -185,6 +227,7 @@ class PisfRecon:
         self.side_series = int(side_by_side_series_index if side_by_side_series_index is not None
                                else SERIES.get(side_by_side or "", 3))
         self.reconstructor = shared_reconstructor(model, providers, threads, max_rows_per_run, io_binding, fp16)
+        self.scheduler = shared_scheduler(self.reconstructor, max_rows_per_batch)
         self.model_name = resolve_model(model).name
         self.provider = self.reconstructor.session.get_providers()[0]
         self.options = classical_options(None, "sense", virtual_coils=self.reconstructor.virtual_coils,
@@ -198,8 +241,12 @@ class PisfRecon:
     @staticmethod
     def warm_up(model: str = "pisf_sense.onnx", providers=DEFAULT_PROVIDERS, threads: int = 0,
                 max_rows_per_run: int = 0, io_binding: bool | str = "auto", fp16: bool = False,
+                max_rows_per_batch: int = DEFAULT_MAX_ROWS_PER_BATCH, max_slices_in_flight: int | None = None,
                 **_ignored) -> None:
-        shared_reconstructor(model, providers, threads, max_rows_per_run, io_binding, fp16)
+        if max_slices_in_flight is not None:
+            declare_max_slices_in_flight(max_slices_in_flight)
+        shared_scheduler(shared_reconstructor(model, providers, threads, max_rows_per_run, io_binding, fp16),
+                         max_rows_per_batch)
 
     def __call__(self, items):
         for item in items:
@@ -216,6 +263,7 @@ class PisfRecon:
             yield Notice(text)
 
     def _reconstruct(self, item: KSpaceSlice):
+        self.context.check_cancelled(f"{item.key}")
         started = time.perf_counter()
         if not self.ranges:
             yield from self._announce(
@@ -256,8 +304,7 @@ class PisfRecon:
         _, lines, _ = data.reference_block()
         clock = time.perf_counter
         t0 = clock()
-        result = self.reconstructor.reconstruct_slice(data.kspace, data.mask, data.reference_kspace,
-                                                      data.reference_lines)
+        result, batch_slices = self._infer(data)
         t1 = clock()
         residual = result.data_consistency()
         inference, signals = t1 - t0, clock() - t1
@@ -268,10 +315,28 @@ class PisfRecon:
                 "PISF_Acceleration": f"{data.acceleration:.2f}", "PISF_ReferenceLines": str(lines),
                 "PISF_DataConsistency": f"{residual:.4f}",
                 "PISF_InferenceMs": f"{inference * 1e3:.1f}", "PISF_SignalsMs": f"{signals * 1e3:.1f}",
+                "PISF_BatchSlices": str(batch_slices),
                 "PISF_Guard": (f"pass (trained ranges: {ranges})" if ranges
                                else "pass (model metadata has no trained ranges: acceleration and row "
                                     "length unchecked)")}
         return magnitude, meta, maps
+
+    def _infer(self, data: SliceData) -> tuple[SliceReconstruction, int]:
+        """The slice through the shared queue: (reconstruction, slices in its network batch).
+        Waits for a slot among the server's slices in flight, prepares the slice here, waits for
+        the batch it joins; StreamCancelled if the client goes meanwhile (ValueError where the
+        core refuses the slice)."""
+        cancelled = self.context.is_cancelled
+        try:
+            with ADMISSION.acquire(cancelled) as slot:
+                prepared = self.reconstructor.prepare_slice(data.kspace, data.mask, data.reference_kspace,
+                                                            data.reference_lines)
+                self.context.check_cancelled("the network run of this slice")
+                future = self.scheduler.submit(prepared, prepared.rows, prepared.batch_key, cancelled, slot)
+                output, batch_slices = future.result()
+        except Cancelled as exc:
+            raise StreamCancelled(str(exc)) from None
+        return self.reconstructor.finish_slice(prepared, output), batch_slices
 
     def _fall_back(self, item: KSpaceSlice, planes: list[SliceData], reasons: list[tuple[str, str]],
                    started: float):

@@ -98,6 +98,9 @@ class _Context:
             encoding = [Encoding()]
         self.header = Header()
 
+    def check_cancelled(self, what: str = "") -> None:
+        pass
+
 
 @pytest.mark.parametrize("stage", [GrappaRecon, SenseRecon])
 @pytest.mark.parametrize("separate", [False, True])

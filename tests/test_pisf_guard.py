@@ -48,11 +48,31 @@ class StubModel:
         return SliceReconstruction(np.abs(image).astype(np.float32), mask, measured, matrix, image=image,
                                    maps=coil_maps)
 
+    # the stage runs the core in three steps (the network step in the shared scheduler's batches)
+    def prepare_slice(self, kspace, mask, reference_kspace, reference_lines):
+        if self.fail:
+            self.calls += 1
+            raise ValueError(self.fail)
+        return SimpleNamespace(rows=kspace.shape[-1], batch_key=None,
+                               slice=(kspace, mask, reference_kspace, reference_lines))
+
+    def run_prepared(self, prepared):
+        return [None] * len(prepared)
+
+    def finish_slice(self, prepared, _output):
+        return self.reconstruct_slice(*prepared.slice)
+
 
 class Context:
     def __init__(self, mode="embedded", trajectory="cartesian"):
         encoding = SimpleNamespace(parallelImaging=SimpleNamespace(calibrationMode=mode), trajectory=trajectory)
         self.header = SimpleNamespace(encoding=[encoding])
+
+    def is_cancelled(self) -> bool:
+        return False
+
+    def check_cancelled(self, what: str = "") -> None:
+        pass
 
 
 @pytest.fixture

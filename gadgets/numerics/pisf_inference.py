@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -61,6 +62,29 @@ class SliceReconstruction:
         if self.maps is not None:
             return sense_residual(self.image, self.maps, self.measured, self.mask)
         return coil_residual(self.coil_images, self.measured, self.mask)
+
+
+@dataclass
+class PreparedSlice:
+    """One slice after calibration, compression and normalisation: the network's inputs, rows
+    first (so the rows of several slices concatenate into one batch), and what turns the
+    network's output back into the image (PisfReconstructor.finish_slice)."""
+    inputs: tuple[np.ndarray, ...]  # contract 1: rows [kx, 2C, ny] f32, masks [kx, 1, ny]; 2: + maps [kx, 2C, ny];
+    #                                 3: measured [kx, C, ny] c64, masks [kx, ny], maps [kx, C, ny] c64
+    scale: float                           # the normalisation the output is scaled back by
+    mask: np.ndarray                       # float32 [ky]: the sampled lines (0 / 1)
+    measured: np.ndarray                   # complex64 [V, ky, kx]: compressed k-space on them (unscaled)
+    compression: np.ndarray                # [V, coils]
+    maps: np.ndarray | None = None         # contracts 2 and 3: ESPIRiT maps of the virtual coils [V, ky, kx]
+
+    @property
+    def rows(self) -> int:
+        return self.inputs[0].shape[0]
+
+    @property
+    def batch_key(self) -> tuple:
+        """Slices with equal keys can share a batch: their per-row shapes and types agree."""
+        return tuple((a.shape[1:], a.dtype.str) for a in self.inputs)
 
 
 def reflect_ky(rows: np.ndarray) -> np.ndarray:
@@ -171,20 +195,23 @@ class PisfReconstructor:
     # reference_kspace [coils, ky, kx] with reference_lines [ky] (the scan's reference lines on the
     # k-space grid; both contracts), or compression_samples [coils, ...] (contract 1's low-level
     # calls: only the samples the coil compression is fitted on).
+    # A slice goes through three steps, which a scheduler may run apart (gadgets/inference_pool.py:
+    # the network step of several slices as one batch): prepare_slice (calibration, compression,
+    # normalisation), run_prepared (the network), finish_slice (scale back, coil combination).
     def reconstruct_coils(self, kspace: np.ndarray, mask: np.ndarray,
                           compression_samples: np.ndarray | None = None) -> np.ndarray:
         """Contract 1: virtual-coil images [C, ky, kx] (complex64) of one slice, 1D mask along ky."""
-        return self._reconstruct_coils(kspace, mask, compression_samples).coil_images
+        return self._reconstruct(self._prepare_contract_1(kspace, mask, compression_samples)).coil_images
 
-    def _reconstruct_coils(self, kspace, mask, compression_samples) -> SliceReconstruction:
+    def _prepare_contract_1(self, kspace, mask, compression_samples) -> PreparedSlice:
         rows, scale, measured, matrix = self._contract_1_inputs(kspace, mask, compression_samples)
         ny = rows.shape[-1]
         sampled = (np.asarray(mask) > 0.5).astype(np.float32)
         row_masks = np.broadcast_to(sampled[None, None], (rows.shape[0], 1, ny)).copy()
-        hybrid = from_rows(self.run_rows(rows, row_masks), self.coils) * scale   # [C, ky, x]
-        coil_images = ifftc(hybrid, axes=(-2,))
-        return SliceReconstruction(root_sum_of_squares(coil_images).astype(np.float32), sampled, measured, matrix,
-                                   coil_images=coil_images)
+        return PreparedSlice((rows, row_masks), scale, sampled, measured, matrix)
+
+    def _reconstruct(self, prepared: PreparedSlice) -> SliceReconstruction:
+        return self.finish_slice(prepared, self.run_prepared([prepared])[0])
 
     def reconstruct_slice(self, kspace: np.ndarray, mask: np.ndarray,
                           reference_kspace: np.ndarray | None = None,
@@ -194,13 +221,45 @@ class PisfReconstructor:
         fully sampled centre run of the data): the image and what its quality signals need.
         Contract 1 fits its coil compression on every reference line, contract 2 calibrates
         compression and coil maps on their run through the centre (ValueError with too few)."""
+        return self._reconstruct(self.prepare_slice(kspace, mask, reference_kspace, reference_lines))
+
+    def prepare_slice(self, kspace: np.ndarray, mask: np.ndarray, reference_kspace: np.ndarray | None = None,
+                      reference_lines: np.ndarray | None = None,
+                      maps: tuple[np.ndarray, np.ndarray] | None = None) -> PreparedSlice:
+        """`reconstruct_slice`'s first step: the slice's network rows (ValueError where the core
+        refuses the slice). maps: `calibrate`'s result when the caller already has it."""
         mask = np.asarray(mask)
-        if self.scan_calibrated:
-            return self._reconstruct_calibrated(kspace, mask, reference_kspace, reference_lines)
-        samples = None
-        if reference_kspace is not None and reference_lines is not None:
-            samples = np.asarray(reference_kspace)[:, np.asarray(reference_lines, dtype=bool)]
-        return self._reconstruct_coils(kspace, mask, samples)
+        if not self.scan_calibrated:
+            samples = None
+            if reference_kspace is not None and reference_lines is not None:
+                samples = np.asarray(reference_kspace)[:, np.asarray(reference_lines, dtype=bool)]
+            return self._prepare_contract_1(kspace, mask, samples)
+        return self._prepare_calibrated(kspace, mask, reference_kspace, reference_lines, maps)
+
+    def run_prepared(self, slices: Sequence[PreparedSlice]) -> list[np.ndarray]:
+        """The network on the rows of one or several prepared slices as ONE batch (chunked by
+        max_rows_per_run where set); each slice's output rows, in order. Slices must share
+        `batch_key`. Every row carries its own mask (and maps), and rows do not interact, so a
+        slice's output does not depend on its batch mates (bit-identical on onnxruntime CPU,
+        tests/test_inference_pool.py)."""
+        if len(slices) == 1:
+            inputs = slices[0].inputs
+        else:
+            inputs = tuple(np.concatenate(parts) for parts in zip(*(s.inputs for s in slices)))
+        output = self.run_unrolled_rows(*inputs) if self.contract == "3" else self.run_rows(*inputs)
+        return np.split(output, np.cumsum([s.rows for s in slices])[:-1])
+
+    def finish_slice(self, prepared: PreparedSlice, output: np.ndarray) -> SliceReconstruction:
+        """`reconstruct_slice`'s last step: the network's output rows of the slice -> image."""
+        if self.contract == "1":
+            hybrid = from_rows(output, self.coils) * prepared.scale            # [C, ky, x]
+            coil_images = ifftc(hybrid, axes=(-2,))
+            return SliceReconstruction(root_sum_of_squares(coil_images).astype(np.float32), prepared.mask,
+                                       prepared.measured, prepared.compression, coil_images=coil_images)
+        rows = output if self.contract == "3" else output[:, 0] + 1j * output[:, 1]     # [kx, ny]
+        image = (rows.T * prepared.scale).astype(np.complex64)
+        return SliceReconstruction(np.abs(image).astype(np.float32), prepared.mask, prepared.measured,
+                                   prepared.compression, image=image, maps=prepared.maps)
 
     def reconstruct(self, kspace: np.ndarray, mask: np.ndarray,
                     reference_kspace: np.ndarray | None = None,
@@ -235,11 +294,11 @@ class PisfReconstructor:
                           maps: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Contract 2: complex coil-combined image [ky, kx] of one slice (1D mask along ky).
         maps: `calibrate`'s result when the caller already has it (it is the costly step)."""
-        return self._reconstruct_calibrated(kspace, mask, reference_kspace, reference_lines, maps).image
+        return self._reconstruct(self._prepare_calibrated(kspace, mask, reference_kspace, reference_lines,
+                                                          maps)).image
 
-    def _reconstruct_calibrated(self, kspace, mask, reference_kspace, reference_lines,
-                                maps=None) -> SliceReconstruction:
-        """Contracts 2 and 3 (CONTRACT.md): calibrate, compress, normalise, run, scale back."""
+    def _prepare_calibrated(self, kspace, mask, reference_kspace, reference_lines, maps=None) -> PreparedSlice:
+        """Contracts 2 and 3 (CONTRACT.md): calibrate, compress, normalise; the rows to run."""
         kspace = np.asarray(kspace, dtype=np.complex64)
         mask = (np.asarray(mask) > 0.5).astype(np.float32)
         if mask.ndim != 1:
@@ -249,31 +308,37 @@ class PisfReconstructor:
                                                                          reference_lines)
         measured = compress(kspace * mask[None, :, None], matrix)                   # [C, ky, kx]
         scale = normalisation_scale(measured, mask)
+        hybrid = ifftc(measured, axes=(-1,)) / scale
         if self.contract == "3":
-            image = (self.run_unrolled(ifftc(measured, axes=(-1,)) / scale, mask, coil_maps).T * scale).astype(np.complex64)
-            return SliceReconstruction(np.abs(image).astype(np.float32), mask, measured, matrix,
-                                       image=image, maps=coil_maps)
-        rows = to_rows(ifftc(measured, axes=(-1,)) / scale)                         # [kx, 2C, ny]
-        row_masks = np.ascontiguousarray(np.broadcast_to(mask[None, None], (rows.shape[0], 1, mask.size)))
-        output = self.run_rows(rows, row_masks, to_rows(coil_maps))                # [kx, 2, ny]
-        image = ((output[:, 0] + 1j * output[:, 1]).T * scale).astype(np.complex64)
-        return SliceReconstruction(np.abs(image).astype(np.float32), mask, measured, matrix,
-                                   image=image, maps=coil_maps)
+            rows = np.ascontiguousarray(hybrid.transpose(2, 0, 1), dtype=np.complex64)       # [kx, C, ky]
+            row_masks = np.ascontiguousarray(np.broadcast_to(mask, (rows.shape[0], mask.size)))
+            inputs = (rows, row_masks, np.ascontiguousarray(coil_maps.transpose(2, 0, 1), dtype=np.complex64))
+        else:
+            rows = to_rows(hybrid)                                                   # [kx, 2C, ny]
+            row_masks = np.ascontiguousarray(np.broadcast_to(mask[None, None], (rows.shape[0], 1, mask.size)))
+            inputs = (rows, row_masks, to_rows(coil_maps))
+        return PreparedSlice(inputs, scale, mask, measured, matrix, coil_maps)
 
     def run_unrolled(self, hybrid: np.ndarray, mask: np.ndarray, coil_maps: np.ndarray) -> np.ndarray:
         """Contract 3: image rows [kx, ny] (complex64) from normalised hybrid data [C, ky, kx],
-        mask [ky] and maps [C, ky, kx]; all rows in one batch unless max_rows_per_run is set,
-        averaged with the mirrored rows if reflect_average."""
+        mask [ky] and maps [C, ky, kx] (see run_unrolled_rows)."""
         rows = np.ascontiguousarray(hybrid.transpose(2, 0, 1), dtype=np.complex64)     # [kx, C, ky]
         maps = np.ascontiguousarray(coil_maps.transpose(2, 0, 1), dtype=np.complex64)
+        return self.run_unrolled_rows(rows, np.asarray(mask, dtype=np.float32), maps)
+
+    def run_unrolled_rows(self, rows: np.ndarray, masks: np.ndarray, maps: np.ndarray) -> np.ndarray:
+        """Contract 3: image rows [n, ny] (complex64) from measured rows [n, C, ny], masks [ny] or
+        per row [n, ny], maps [n, C, ny]; all rows in one batch unless max_rows_per_run is set,
+        averaged with the mirrored rows if reflect_average."""
         step = self.max_rows_per_run if self.max_rows_per_run > 0 else rows.shape[0]
 
-        def run(rows, mask, maps):
-            return np.concatenate([self.unrolled.run(rows[i:i + step], mask, maps[i:i + step])
+        def run(rows, masks, maps):
+            return np.concatenate([self.unrolled.run(rows[i:i + step], masks[i:i + step] if masks.ndim == 2 else masks,
+                                                     maps[i:i + step])
                                    for i in range(0, rows.shape[0], step)])
-        image = run(rows, mask, maps)
+        image = run(rows, masks, maps)
         if self.reflect_average:
-            mirrored = run(*(np.ascontiguousarray(reflect_ky(a)) for a in (rows, mask, maps)))
+            mirrored = run(*(np.ascontiguousarray(reflect_ky(a)) for a in (rows, masks, maps)))
             image = 0.5 * (image + reflect_ky(mirrored))
         return image
 

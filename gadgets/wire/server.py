@@ -4,6 +4,11 @@ Each connection gets a reader (this thread) and a chain thread joined by a bound
 lines keep arriving while earlier slices reconstruct and a slow chain pushes back on the
 client through TCP instead of growing memory. Every failure ends with a TEXT naming the
 problem, then CLOSE; slices already complete are reconstructed and sent before that.
+
+A client that has gone (a reset seen by a read, a send that fails, or, once its data are all
+read, a reset found by polling the connection's TCP state) cancels its stream: the stages stop
+at the next slice and its queued work is dropped (StreamContext.cancelled). An end of stream
+alone (FIN) is not a departure: clients half-close after CLOSE and still read their images.
 """
 from __future__ import annotations
 
@@ -24,8 +29,9 @@ from pathlib import Path
 import ismrmrd
 
 from .. import limit_blas_threads
+from .. import inference_pool
 from ..chain import ChainRepository, ChainSpec, ConfigError, is_valid_name, run_stages
-from ..context import InputError, StreamContext, parse_header
+from ..context import InputError, StreamCancelled, StreamContext, parse_header
 from ..items import Notice
 from . import protocol
 from .query import QueryAnswers
@@ -38,6 +44,8 @@ log = logging.getLogger("pisf.server")
 _END = object()
 _ABORT = object()  # the client is gone: open slices are dropped, not flushed
 _NOTHING = object()  # the client ended (between frames) before sending data
+_TCP_CLOSE = 7       # tcpi_state of a connection the peer reset (Linux include/net/tcp_states.h)
+WATCH_S = 0.1        # how often a connection whose input is all read is checked for a reset
 
 
 _connection_ids = itertools.count(1)
@@ -47,14 +55,45 @@ class _StreamAborted(Exception):
     """Raised inside the chain's input when the client is gone: open slices are not flushed."""
 
 
-class _Sender:
-    """Thread-safe frame sender; after CLOSE (or a dead peer) further sends are dropped."""
+def peer_reset(sock: socket.socket | None) -> bool:
+    """True when the peer has reset this TCP connection (Linux TCP_INFO state; False elsewhere).
+    Unlike a read, this consumes nothing and tells a reset from a half-close (FIN)."""
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return False
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == _TCP_CLOSE
+    except OSError:
+        return False
 
-    def __init__(self, sock: socket.socket, name: str):
+
+class _Sender:
+    """Thread-safe frame sender; after CLOSE (or a dead peer) further sends are dropped.
+
+    `gone` is set once the peer is known to be gone; the stream's context shares it as its
+    cancelled flag. raw: the TCP socket under a TLS wrapper (for `peer_reset`)."""
+
+    def __init__(self, sock: socket.socket, name: str, raw: socket.socket | None = None):
         self.sock, self.name = sock, name
+        self.raw = raw if raw is not None else (sock if isinstance(sock, socket.socket) else None)
         self.lock = threading.Lock()
         self.closed = False
-        self.peer_gone = False
+        self.gone = threading.Event()
+
+    @property
+    def peer_gone(self) -> bool:
+        return self.gone.is_set()
+
+    @peer_gone.setter
+    def peer_gone(self, value: bool) -> None:
+        if value:
+            self.gone.set()
+
+    def check_peer(self) -> bool:
+        """True once the peer is gone; asks the connection (a reset no read has seen yet)."""
+        if not self.gone.is_set() and peer_reset(self.raw):
+            log.warning("%s: the client reset the connection", self.name)
+            self.gone.set()
+        return self.gone.is_set()
 
     def send(self, frame: bytes) -> bool:
         with self.lock:
@@ -87,11 +126,15 @@ class _ChainRunner(threading.Thread):
         self.items: queue.Queue = queue.Queue(maxsize=queue_size)
         self.error: str | None = None
         self.images_sent = 0
+        self.images_made = 0
+        self.cancelled: str | None = None  # why the stream stopped early because its client has gone
         self.stages = spec.build(context)  # built in the reader thread: config errors surface at once
 
     def _incoming(self):
         while True:
             entry = self.items.get()
+            if self.context.cancelled.is_set():
+                raise StreamCancelled("the client has gone; its queued lines are dropped")
             if entry is _END:
                 return
             if entry is _ABORT:
@@ -106,11 +149,11 @@ class _ChainRunner(threading.Thread):
                 if self.sender.peer_gone:
                     # The client stopped receiving (write timeout) or vanished: computing the rest
                     # of the scan for nobody only holds memory and CPU; stop, and let the reader stop.
-                    self.error = "the client stopped receiving images"
+                    self.error = self.cancelled = "the client stopped receiving images"
                     break
                 if isinstance(output, ismrmrd.Image):
-                    self.sender.send(protocol.frame_image(output))
-                    self.images_sent += 1
+                    self.images_made += 1
+                    self.images_sent += self.sender.send(protocol.frame_image(output))
                     latency = output.meta.get("PISF_LatencyMs", "?")
                     log.info("%s: image %d (slice %d, phase %d, repetition %d) sent, %s ms after its last line",
                              self.sender.name, output.image_index, output.slice, output.phase, output.repetition,
@@ -120,6 +163,8 @@ class _ChainRunner(threading.Thread):
                     self.sender.send(protocol.frame_text(output.text))
         except _StreamAborted:
             pass  # everything queued before the abort was processed: complete slices were sent
+        except StreamCancelled as exc:
+            self.cancelled = str(exc)
         except InputError as exc:
             self.error = str(exc)
         except Exception as exc:  # a gadget failed: report it, keep the server alive
@@ -134,13 +179,15 @@ class _ChainRunner(threading.Thread):
                     break
 
     def put(self, item, arrival: float) -> bool:
-        """Queue an item; False once the chain has stopped (error), so the reader can stop."""
+        """Queue an item; False once the chain has stopped (error) or the client is gone, so the
+        reader can stop."""
         while self.is_alive():
             try:
                 self.items.put((item, arrival), timeout=0.5)
                 return True
             except queue.Full:
-                continue
+                if self.sender.check_peer():  # pushed back, the reader reads nothing: ask the connection
+                    return False
         return False
 
     def finish(self, abort: bool = False) -> None:
@@ -151,9 +198,12 @@ class _ChainRunner(threading.Thread):
                     self.items.put(_ABORT if abort else _END, timeout=0.5)
                     break
                 except queue.Full:
-                    if not self.is_alive():
+                    if not self.is_alive() or self.sender.check_peer():
                         break
-        self.join()
+        # All input is read: a reset is seen by polling the connection, and cancels the stream.
+        while self.is_alive():
+            self.join(WATCH_S)
+            self.sender.check_peer()
 
 
 def _linger_close(sock: socket.socket, drain_s: float = 2.0) -> None:
@@ -193,12 +243,35 @@ class _Scan:
     abort: bool = False
 
 
+class ServerCounters:
+    """Totals over the server's life (thread-safe): scans, images made and sent, scans whose
+    client went away before their end (`scans_cancelled`)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.values = {"scans": 0, "images_made": 0, "images_sent": 0, "scans_cancelled": 0}
+
+    def add(self, **amounts: int) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                self.values[name] += amount
+
+    def __getitem__(self, name: str) -> int:
+        return self.values[name]
+
+
 class ReconServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 9002, repository: ChainRepository | None = None,
                  limits: protocol.Limits = protocol.Limits(), max_connections: int = 16,
                  io_timeout_s: float = 300.0, queue_size: int = 2048,
-                 ssl_context: ssl.SSLContext | None = None, default_chain: str = "pisf"):
+                 ssl_context: ssl.SSLContext | None = None, default_chain: str = "pisf",
+                 max_slices_in_flight: int | None = None):
+        """max_slices_in_flight: the process-wide bound on slices in the models at once
+        (gadgets/inference_pool.ADMISSION; None keeps what the chains declared at warm-up)."""
         limit_blas_threads()
+        if max_slices_in_flight is not None:
+            inference_pool.ADMISSION.set_limit(max_slices_in_flight)
+        self.counters = ServerCounters()
         self.repository = repository or ChainRepository.shared()
         # Names that clients send for "the default reconstruction": an OpenRecon console sends
         # `openrecon` (and its JSON may name a chain of ours in parameters.config).
@@ -292,6 +365,7 @@ class ReconServer:
     # ---- one connection ----
     def _session(self, sock: socket.socket, name: str, peer) -> None:
         log.info("%s: connected from %s:%d", name, *peer[:2])
+        raw = sock
         try:
             sock = self._secure(sock, self.io_timeout_s)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
@@ -300,7 +374,7 @@ class ReconServer:
             self.slots.release()
             self.sessions.discard(threading.current_thread())
             return
-        sender = _Sender(sock, name)
+        sender = _Sender(sock, name, raw)
         try:
             sock.settimeout(self.io_timeout_s)
             self._converse(sock, sender)
@@ -352,6 +426,10 @@ class ReconServer:
             error = f"connection error: {exc}"
             sender.peer_gone = True
         self._end(scan, sender, error)
+        if scan.runner is not None:
+            runner = scan.runner
+            self.counters.add(scans=1, images_made=runner.images_made, images_sent=runner.images_sent,
+                              scans_cancelled=int(runner.cancelled is not None))
 
     def _open(self, read, sender: _Sender) -> _Opening | None:
         """Config, header and an optional client JSON -> the session's chain and context; None
@@ -376,7 +454,8 @@ class ReconServer:
         for warning in header_warnings(header_message.text):  # accepted here, refused by Gadgetron 4.7
             log.warning("%s: %s", sender.name, warning)
             sender.send(protocol.frame_text(warning))
-        context = StreamContext(header=header, log=logging.getLogger(f"pisf.{sender.name}"))
+        context = StreamContext(header=header, log=logging.getLogger(f"pisf.{sender.name}"),
+                                cancelled=sender.gone, peer_gone=sender.check_peer)
         validator = AcquisitionValidator.for_header(header)
         # FIRE/OpenRecon: a TEXT right after the header is the client's JSON config; it may
         # name the chain (parameters.config / customconfig) and sets stage parameters.
@@ -444,6 +523,9 @@ class ReconServer:
             error = error or runner.error
             if runner.error and runner.error != error:
                 log.error("%s: %s", sender.name, runner.error)
+            if runner.cancelled:
+                log.warning("%s: stopped early (%s): %d images made, %d sent", sender.name, runner.cancelled,
+                            runner.images_made, runner.images_sent)
         sender.close(error)
 
     def _answer(self, query: protocol.Query, sender: _Sender) -> None:
@@ -497,6 +579,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'openrecon'); default: pisf, or the first chain where there is no pisf")
     parser.add_argument("--max-connections", type=int, default=16, help="scans served at once; more are told 'server busy'")
     parser.add_argument("--io-timeout", type=float, default=300.0, help="seconds a client may stay silent")
+    parser.add_argument("--max-slices-in-flight", type=int, default=None,
+                        help="slices in the PISF models at once, all connections together (more wait; their "
+                             "clients are pushed back); default: the chains' max_slices_in_flight "
+                             f"(config/pisf.yaml), else {inference_pool.DEFAULT_MAX_SLICES_IN_FLIGHT}")
     parser.add_argument("--max-message-mb", type=float, default=256.0, help="largest frame accepted, MiB")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve over TLS (default: plain TCP)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert (default: in the cert file)")
@@ -531,6 +617,8 @@ def run(args: argparse.Namespace) -> int:
                      f"(chains: {', '.join(chains)})")
     if not 0 <= args.port <= 65535:
         return _fail(f"--port {args.port} is not a TCP port (0..65535)")
+    if args.max_slices_in_flight is not None and args.max_slices_in_flight < 1:
+        return _fail(f"--max-slices-in-flight {args.max_slices_in_flight}: at least 1")
     limits = protocol.Limits(max_message_bytes=int(args.max_message_mb * 1024 * 1024))
     if args.tls_key and not args.tls_cert:
         return _fail("--tls-key needs --tls-cert")
@@ -561,6 +649,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     server.warm_up()
+    if args.max_slices_in_flight is not None:  # after the chains declared theirs: the option wins
+        inference_pool.ADMISSION.set_limit(args.max_slices_in_flight)
+    log.info("at most %d slices in the PISF models at once", inference_pool.ADMISSION.limit)
     server.serve_forever()
     server.shutdown()
     return 0
