@@ -171,7 +171,8 @@ def test_cfl_round_trip(tmp_path):
 
 # ----------------------------------------------------------------------------- real data
 @pytest.mark.parametrize("name, shape", [("phantom", (8, 256, 256)), ("brain16", (16, 96, 96)),
-                                         ("cimax", (16, 128, 128))])
+                                         ("cimax", (16, 128, 128)), ("brain16_4ch", (4, 96, 96)),
+                                         ("phantom_4ch", (4, 256, 256))])
 def test_dataset_loaders(name, shape):
     filename = eval_data.DATASETS[name][0]
     if not (SHARED_DATA / filename).is_file():
@@ -191,6 +192,45 @@ def test_dataset_loaders(name, shape):
     # an object in the middle, background at the corners
     ref = dataset.reference
     assert ref[shape[1] // 2 - 4:shape[1] // 2 + 4, shape[2] // 2 - 4:shape[2] // 2 + 4].mean() > 5 * ref[:6, :6].mean()
+
+
+def test_few_coil_dataset_is_a_unitary_compression_with_the_parents_low_r_cases():
+    parent = synthetic_dataset(n=64, coils=8)
+    few = eval_data.compressed_dataset(parent, 4)
+    assert few.name == "synthetic_4ch" and few.shape == (4, 64, 64) and few.kspace.dtype == np.complex64
+    # each virtual channel is a combination of the parent's: the compressed data (up to the common
+    # scale) is the projection of the parent's onto their 4-dimensional span, the largest one
+    flat, compressed = parent.kspace.reshape(8, -1), few.kspace.reshape(4, -1)
+    basis, _ = np.linalg.qr(compressed.T.conj())
+    projected = flat @ basis @ basis.T.conj()
+    u, singular, _ = np.linalg.svd(flat, full_matrices=False)
+    captured = np.linalg.norm(projected) ** 2 / np.linalg.norm(flat) ** 2
+    assert captured == pytest.approx(np.sum(singular[:4] ** 2) / np.sum(singular ** 2), rel=1e-4)
+    # its own RSS reference, max 1
+    np.testing.assert_allclose(few.reference, reference_from_kspace(few.kspace), rtol=1e-6)
+    assert few.reference.max() == pytest.approx(1.0)
+    cases = eval_data.dataset_cases(few)
+    parents = {c.name: c for c in eval_data.dataset_cases(parent)}
+    assert [c.name for c in cases] == ["equispaced_R3_embedded", "random_R3_embedded", "equispaced_R4_embedded",
+                                       "random_R4_embedded", "equispaced_R2_separate", "equispaced_R3_separate",
+                                       "equispaced_R4_separate"]
+    for case in cases:
+        assert case.dataset == "synthetic_4ch"
+        assert np.array_equal(case.mask, parents[case.name].mask)
+        image, calibration = undersample(case, few.kspace)
+        assert image.shape == (4, 64, 64) and np.array_equal(sampled_lines(calibration), case.reference_lines)
+    assert len(eval_data.dataset_cases(parent)) == 13
+
+
+def test_model_spec_carries_run_time_options():
+    from tools.evaluation.harness import model_spec
+    assert model_spec("models/pisf_v3.onnx") == ("models/pisf_v3.onnx", {}, "pisf_v3")
+    path, options, name = model_spec("models/pisf_v3.onnx:block_cg=8,reflect_average=yes,virtual_coils=12")
+    assert path == "models/pisf_v3.onnx" and name == "pisf_v3:block_cg=8,reflect_average=yes,virtual_coils=12"
+    assert options == {"reflect_average": True, "virtual_coils": 12, "unrolled": {"block_cg": 8}}
+    for bad in ("m.onnx:blocks_cg=8", "m.onnx:block_cg=eight", "m.onnx:reflect_average=maybe", "m.onnx:block_cg="):
+        with pytest.raises(ValueError, match="model option"):
+            model_spec(bad)
 
 
 def test_missing_dataset_is_skipped_with_a_reason(tmp_path):
@@ -220,6 +260,25 @@ def test_pisf_evaluate_cli_quick(tmp_path):
         assert set(row["metrics"]) == {"zero_filled", "pisf_sense", "zf_again"}
         assert row["metrics"]["zf_again"]["psnr"] == pytest.approx(row["metrics"]["zero_filled"]["psnr"])
     assert (out / "figure_brain16.png").is_file() and "pisf_sense PSNR / SSIM" in (out / "results.md").read_text()
+
+
+def test_pisf_evaluate_cli_four_channel_set_with_model_options(tmp_path):
+    from tools.cli import main
+    model = Path(__file__).resolve().parents[1] / "models" / "pisf_v3.onnx"
+    if not (SHARED_DATA / eval_data.DATASETS["brain16_4ch"][0]).is_file() or not model.is_file():
+        pytest.skip("../shared/data or models/pisf_v3.onnx is absent")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--datasets", "brain16_4ch", "--quick", "--no-bart", "--out", str(out),
+                 "--data", str(SHARED_DATA), "--model", str(model), f"{model}:block_cg=0"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["models"]["pisf_v3:block_cg=0"]["options"] == {"unrolled": {"block_cg": 0}}
+    for row in summary["rows"]:
+        assert row["dataset"] == "brain16_4ch" and row["coils"] == 4
+        # without data consistency the image is the regulariser's alone: it must differ
+        default, bare = row["metrics"]["pisf_v3"]["psnr"], row["metrics"]["pisf_v3:block_cg=0"]["psnr"]
+        assert abs(default - bare) > 0.01
+    assert main(["evaluate", "--datasets", "brain16_4ch", "--quick", "--no-bart", "--out", str(out),
+                 "--data", str(SHARED_DATA), "--model", f"{model}:block_cg=-2"]) == 1
 
 
 def test_classical_table_is_a_pisf_subcommand(tmp_path, capsys):

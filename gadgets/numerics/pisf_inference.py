@@ -111,7 +111,7 @@ class PisfReconstructor:
 
     def __init__(self, model_path: str | os.PathLike, providers: list | None = None,
                  threads: int = 0, max_rows_per_run: int = 0, reflect_average: bool = False,
-                 io_binding: bool = False, virtual_coils: int = 16):
+                 io_binding: bool = False, virtual_coils: int = 16, unrolled: dict | None = None):
         """providers: names or (name, options) pairs, in order of preference.
         virtual_coils: contract 2 compresses to at most this many coils (the graph takes any
         count; on a 16-channel in-vivo brain, 8 virtual coils cost 4-9 dB of SENSE PSNR against 12
@@ -119,7 +119,9 @@ class PisfReconstructor:
         reflect_average: also run every row mirrored (k -> -k) and average the two outputs
         (test-time augmentation; doubles the inference time).
         io_binding: run through an onnxruntime IOBinding (inputs bound once, the output kept on
-        the provider's device until one copy back), which saves copies on GPU providers."""
+        the provider's device until one copy back), which saves copies on GPU providers.
+        unrolled: contract 3's run-time options of UnrolledPisf (init_cg, block_cg, row_coils,
+        multi_shift; absent ones keep the trained values in the metadata)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -141,7 +143,11 @@ class PisfReconstructor:
         gpu = self.session.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self.output_device = "cuda" if gpu else "cpu"
         self.scan_calibrated = self.contract in SCAN_CALIBRATED
-        self.unrolled = UnrolledPisf(self.session, self.metadata, max(threads, 1)) if self.contract == "3" else None
+        if unrolled and self.contract != "3":
+            raise ValueError(f"options {sorted(unrolled)} apply to contract-3 models; "
+                             f"{model_path} is contract {self.contract}")
+        self.unrolled = (UnrolledPisf(self.session, self.metadata, max(threads, 1), **(unrolled or {}))
+                         if self.contract == "3" else None)
 
     # ---------------------------------------------------------------- contract preprocessing
     def preprocess(self, kspace: np.ndarray, mask: np.ndarray, compression_samples: np.ndarray | None = None):

@@ -98,8 +98,12 @@ def pairs(image: np.ndarray) -> np.ndarray:
 class UnrolledPisf:
     """Contract 3's unrolled network around an onnxruntime session of the regulariser bank."""
 
-    def __init__(self, session, metadata: dict, threads: int = 1, multi_shift: bool = True, row_coils: int = 0):
-        """row_coils > 0: per-row coil compression (see `compress_rows`) to that many coils."""
+    def __init__(self, session, metadata: dict, threads: int = 1, multi_shift: bool = True, row_coils: int = 0,
+                 init_cg: int | None = None, block_cg: int | None = None):
+        """row_coils > 0: per-row coil compression (see `compress_rows`) to that many coils.
+        init_cg, block_cg: CG steps of the Tikhonov starts and of each block's data consistency
+        (None: the trained counts in the metadata). More steps at run time solve each data
+        consistency more exactly than in training; `pisf evaluate` measures what that does."""
         missing = [key for key in REQUIRED_METADATA if key not in metadata]
         if missing:
             raise ValueError(f"contract-3 model lacks metadata {missing} (models/CONTRACT.md)")
@@ -109,7 +113,11 @@ class UnrolledPisf:
         self.blocks = int(metadata["blocks"])
         if len(self.mus) != self.blocks:
             raise ValueError(f"contract-3 model has {self.blocks} blocks but {len(self.mus)} block_mu values")
-        self.init_cg, self.block_cg = int(metadata["init_cg"]), int(metadata["block_cg"])
+        self.init_cg = int(metadata["init_cg"] if init_cg is None else init_cg)
+        self.block_cg = int(metadata["block_cg"] if block_cg is None else block_cg)
+        if self.init_cg < 1 or self.block_cg < 0 or int(row_coils) < 0:
+            raise ValueError(f"init_cg must be >= 1, block_cg and row_coils >= 0; got init_cg {self.init_cg}, "
+                             f"block_cg {self.block_cg}, row_coils {row_coils}")
         self.threads = threads
         self.multi_shift = multi_shift
         self.row_coils = row_coils

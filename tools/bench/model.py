@@ -1,7 +1,9 @@
-"""Latency of the PISF inference core on one size x size x 8 slice (numpy + onnxruntime CPU).
+"""Latency of the PISF inference core on one size x size x coils slice (numpy + onnxruntime CPU).
 
     pisf bench-model models/pisf_v3.onnx models/pisf_sense.onnx [--threads 2 1] [--repeats 10]
         [--sizes 128 256 384]
+    pisf bench-model models/pisf_v3.onnx models/pisf_v3.onnx:block_cg=8 --threads 1   (run-time options
+        as in `pisf evaluate --model`, tools/evaluation/harness.model_spec)
 
 Times `PisfReconstructor.reconstruct` end to end (compression, calibration for contracts 2 and 3,
 normalisation, FFTs, the network over all rows, coil combination), the network alone (contracts
@@ -76,14 +78,16 @@ def bench(model_paths: list[str], threads_list: list[int], repeats: int = 10, si
     machine may be shared: each configuration sees the same background load)."""
     from gadgets.numerics.calibration import espirit_maps
     from gadgets.numerics.pisf_inference import PisfReconstructor
+    from tools.evaluation.harness import model_spec
 
     measured, mask, lines = bench_slice(size, coils, acceleration)
     configs = []
-    for path in model_paths:
+    for spec in model_paths:
+        path, options, _ = model_spec(spec)
         for threads in threads_list:
-            recon = PisfReconstructor(path, threads=threads, max_rows_per_run=max_rows_per_run)
+            recon = PisfReconstructor(path, threads=threads, **{"max_rows_per_run": max_rows_per_run, **options})
             recon.reconstruct(measured, mask)                                  # warm-up
-            configs.append({"model": path, "threads": threads, "recon": recon,
+            configs.append({"model": spec, "threads": threads, "recon": recon,
                             "network": network_part(recon, measured, mask), "total": [], "net": [], "cal": []})
     for _ in range(repeats):
         for config in configs:
@@ -110,6 +114,9 @@ def bench(model_paths: list[str], threads_list: list[int], repeats: int = 10, si
                   "repeats": repeats}
         if config["cal"]:
             result["calibration_median_s"] = float(np.median(config["cal"]))
+        if recon.unrolled is not None:        # what ran: the trained counts or the spec's options
+            result.update(init_cg=recon.unrolled.init_cg, block_cg=recon.unrolled.block_cg,
+                          row_coils=recon.unrolled.row_coils, reflect_average=recon.reflect_average)
         results.append(result)
     return results
 
@@ -142,11 +149,13 @@ def bench_bart(repeats: int = 3, size: int = 256, coils: int = 8, acceleration: 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("models", nargs="+", help="ONNX models")
+    parser.add_argument("models", nargs="+", metavar="PATH[:KEY=VALUE,...]",
+                        help="ONNX models, each with optional run-time options as in `pisf evaluate --model`")
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="onnxruntime thread counts")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per model and thread count")
     parser.add_argument("--bart", action="store_true", help="also time BART ecalib + pics on the same slice")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256], help="slice sizes (size x size x 8 coils)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256], help="slice sizes (size x size x coils)")
+    parser.add_argument("--coils", type=int, default=8, help="receive coils of the slice")
     parser.add_argument("--max-rows-per-run", type=int, default=0,
                         help="rows per network run (0: all rows of the slice in one run)")
 
@@ -155,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     from gadgets import limit_blas_threads
     limit_blas_threads()          # as in the server (OpenBLAS threads thrash on small matrices)
     for size in args.sizes:
-        for result in bench(args.models, args.threads, args.repeats, size, max_rows_per_run=args.max_rows_per_run):
+        for result in bench(args.models, args.threads, args.repeats, size, args.coils,
+                            max_rows_per_run=args.max_rows_per_run):
             print(json.dumps(result), flush=True)
     if args.bart:
         import shutil

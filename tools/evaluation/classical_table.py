@@ -26,12 +26,12 @@ FIXED = {"maps": 1, "crop": 0.9, "lambda": 0.01}
 def fixed_bart(rows: list[dict], data_dir: Path, cache: str) -> dict[tuple[str, str], dict]:
     """(dataset, case) -> {metrics, seconds} of BART SENSE-l2 at FIXED on every row's case."""
     from tools.evaluation.bart import BartCase
-    from tools.evaluation.datasets import load_datasets, make_cases, undersample
+    from tools.evaluation.datasets import dataset_cases, load_datasets, undersample
     from tools.evaluation.metrics import all_metrics, foreground_mask
 
     out = {}
     for dataset in load_datasets(data_dir, sorted({r["dataset"] for r in rows}), log=lambda *_: None):
-        cases = {c.name: c for c in make_cases(dataset.name, dataset.kspace.shape[1])}
+        cases = {c.name: c for c in dataset_cases(dataset)}
         foreground = foreground_mask(dataset.reference)
         for row in rows:
             if row["dataset"] != dataset.name or row["case"] not in cases:

@@ -11,6 +11,18 @@ images; K is scaled so that the reference's maximum is 1. A dataset whose file i
 | phantom | phantom_8coil_full.mat | 8 x 256 x 256 | real phantom, coil images given; K = fftc(coil images); PE = axis 1 as before |
 | brain16 | brain_16ch_96x96_full_ksp.npy | 16 x 96 x 96 | in-vivo axial brain, (coil, PE, RO) |
 | cimax | siemens_cimax_phantom_16ch_twix.dat | 16 x 128 x 128 | Siemens twix (Cima.X, Pulseq FLASH), spherical phantom |
+| brain16_4ch | brain_16ch_96x96_full_ksp.npy | 4 x 96 x 96 | brain16 compressed by SVD to 4 virtual channels (opt-in) |
+| phantom_4ch | phantom_8coil_full.mat | 4 x 256 x 256 | phantom compressed by SVD to 4 virtual channels (opt-in) |
+
+`pisf evaluate` runs DEFAULT_DATASETS unless others are named (the 39 default cases stay
+comparable release to release). The 4-channel sets stand in for a 4-channel head array: a
+unitary SVD compression keeps the noise white and the channels smooth linear combinations of the
+physical coils. Their reference is the RSS of the 4 compressed coils (the fully sampled truth of
+that 4-channel acquisition; the 16-channel RSS would add the compression's own loss, which no
+reconstruction of 4-channel data can recover, to every method's error). Their cases are those
+of the parent dataset with R <= 4 (a 4-channel array is not run beyond R = channels; the guard
+and the few-coil training draw R <= channels), with the parent's random masks, so a case's
+numbers differ from the parent's only by the coils.
 
 Cases (`make_cases`), R = ny / (number of sampled image lines), centre lines included (the
 fastMRI convention):
@@ -77,6 +89,8 @@ class Dataset:
     reference: np.ndarray                 # float64 [ny, nx], RSS of the fully sampled coil images
     description: str = ""
     source: str = ""
+    max_acceleration: float = 0.0         # > 0: only the cases with R <= this (dataset_cases)
+    masks_of: str = ""                    # draw the random masks as this dataset does (default: own name)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -166,18 +180,44 @@ def load_cimax(data_dir: Path) -> Dataset:
                    "Siemens Cima.X spherical phantom, 16 coils, 128x128, twix, PE = axis 1", path.name)
 
 
+FEW_COILS = 4
+
+
+def compressed_dataset(parent: Dataset, coils: int) -> Dataset:
+    """`parent` compressed by SVD (over every sample of its fully sampled k-space) to `coils`
+    virtual channels, renormalised, with its own RSS reference; cases: the parent's with R <= coils."""
+    from gadgets.numerics.coils import coil_compression_matrix, compress
+    matrix = coil_compression_matrix(parent.kspace, coils)
+    kspace = normalised(compress(parent.kspace, matrix))
+    return Dataset(f"{parent.name}_{coils}ch", kspace, reference_from_kspace(kspace),
+                   f"{parent.description.split(',')[0]}, {parent.shape[0]} coils compressed by SVD to {coils} "
+                   "virtual channels; reference = their RSS", parent.source,
+                   max_acceleration=float(coils), masks_of=parent.name)
+
+
+def load_brain16_4ch(data_dir: Path) -> Dataset:
+    return compressed_dataset(load_brain16(data_dir), FEW_COILS)
+
+
+def load_phantom_4ch(data_dir: Path) -> Dataset:
+    return compressed_dataset(load_phantom(data_dir), FEW_COILS)
+
+
 DATASETS: dict[str, tuple[str, Callable[[Path], Dataset]]] = {
     "phantom": ("phantom_8coil_full.mat", load_phantom),
     "brain16": ("brain_16ch_96x96_full_ksp.npy", load_brain16),
     "cimax": ("siemens_cimax_phantom_16ch_twix.dat", load_cimax),
+    "brain16_4ch": ("brain_16ch_96x96_full_ksp.npy", load_brain16_4ch),
+    "phantom_4ch": ("phantom_8coil_full.mat", load_phantom_4ch),
 }
+DEFAULT_DATASETS = ("phantom", "brain16", "cimax")     # the 39 cases of every release's table
 
 
 def load_datasets(data_dir: str | Path = DEFAULT_DATA, names=None, log=print) -> list[Dataset]:
-    """The named datasets (all by default) whose files exist; each missing one is reported."""
+    """The named datasets (DEFAULT_DATASETS by default) whose files exist; each missing one is reported."""
     data_dir = Path(data_dir)
     out = []
-    for name in names or DATASETS:
+    for name in names or DEFAULT_DATASETS:
         if name not in DATASETS:
             raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
         filename, loader = DATASETS[name]
@@ -254,6 +294,18 @@ def make_cases(dataset: str, ny: int, quick: bool = False, seed: int = 0,
                           {"reference_lines": int(reference.sum())}))
     if quick:
         cases = [c for c in cases if c.name in QUICK_CASES]
+    return cases
+
+
+def dataset_cases(dataset: Dataset, quick: bool = False, seed: int = 0) -> list[Case]:
+    """`make_cases` for this dataset: only R <= its max_acceleration, random masks drawn as for
+    its masks_of dataset."""
+    limit = dataset.max_acceleration or float("inf")
+    cases = make_cases(dataset.masks_of or dataset.name, dataset.shape[1], quick, seed,
+                       [r for r in EMBEDDED_ACCELERATIONS if r <= limit],
+                       [r for r in SEPARATE_ACCELERATIONS if r <= limit])
+    for case in cases:
+        case.dataset = dataset.name
     return cases
 
 

@@ -1,7 +1,8 @@
 """`pisf evaluate`: PISF models vs zero-filled vs tuned BART on the real data in ../shared/data.
 
-Every real dataset that allows 1D masks (tools/evaluation/datasets.py: phantom, brain16, cimax) with
-every case (equispaced and random R 3/4/5/6/8 with an embedded centre; equispaced R 2/3/4 with
+Every real dataset that allows 1D masks (tools/evaluation/datasets.py: phantom, brain16, cimax;
+brain16_4ch and phantom_4ch, their cases with R <= 4, when named) with every case (equispaced
+and random R 3/4/5/6/8 with an embedded centre; equispaced R 2/3/4 with
 24 separate reference lines that are calibration only) through zero-filled, BART SENSE
 (`pics -l2`) and BART l1-ESPIRiT (`pics -l1`), both tuned per case by PSNR against the
 reference (an oracle that favours BART; tools/evaluation/bart.py), and every method: each
@@ -27,7 +28,7 @@ import numpy as np
 
 from tools.evaluation.bart import bart_available, run_bart, single_thread_env, write_bart
 from tools.rawdata.cfl import read_cfl
-from tools.evaluation.datasets import DATASETS, DEFAULT_DATA
+from tools.evaluation.datasets import DATASETS, DEFAULT_DATA, DEFAULT_DATASETS
 
 POISSON_LAMBDAS = (0.001, 0.003, 0.01, 0.03)
 POISSON2D = "brain_poisson2d"
@@ -36,12 +37,16 @@ DEFAULT_MODEL = "models/pisf_sense.onnx"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with the real data")
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS),
+    opt_in = [name for name in DATASETS if name not in DEFAULT_DATASETS] + [POISSON2D]
+    parser.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS),
                         choices=list(DATASETS) + [POISSON2D],
-                        help=f"datasets (default: {' '.join(DATASETS)}; {POISSON2D} is opt-in)")
-    parser.add_argument("--model", action="extend", nargs="+", default=None,
+                        help=f"datasets (default: {' '.join(DEFAULT_DATASETS)}; {', '.join(opt_in)} are opt-in)")
+    parser.add_argument("--model", action="extend", nargs="+", default=None, metavar="PATH[:KEY=VALUE,...]",
                         help=f"ONNX model(s) to evaluate, repeatable (default {DEFAULT_MODEL}; "
-                             "'none' for no model)")
+                             "'none' for no model); run-time options after a colon, e.g. "
+                             "models/pisf_v3.onnx:block_cg=8,init_cg=12 (keys: "
+                             "init_cg, block_cg, row_coils, multi_shift, reflect_average, max_rows_per_run, "
+                             "virtual_coils; absent ones keep the model's trained values)")
     parser.add_argument("--method", action="append", default=[], metavar="NAME=MODULE:FACTORY",
                         help="a Python method: FACTORY() returns f(image_kspace, mask, calibration_kspace) "
                              "-> magnitude image (repeatable)")
@@ -123,9 +128,8 @@ def evaluate_poisson2d(data_dir: Path, models: dict, use_bart: bool, log=print) 
 
 
 # ----------------------------------------------------------------------------- main
-def model_name(path: str, taken) -> str:
-    name = Path(path).stem
-    base, i = name, 2
+def model_name(base: str, taken) -> str:
+    name, i = base, 2
     while name in taken:
         name, i = f"{base}_{i}", i + 1
     return name
@@ -133,21 +137,24 @@ def model_name(path: str, taken) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from tools.evaluation.datasets import load_datasets
-    from tools.evaluation.harness import method_from_spec, model_method, run_evaluation
+    from tools.evaluation.harness import method_from_spec, model_method, model_spec, run_evaluation
 
     data_dir = Path(args.data)
     if not data_dir.exists():
         print(f"no real data at {data_dir}: skipping the evaluation")
         return 0
-    model_paths = [DEFAULT_MODEL] if args.model is None else [m for m in args.model if m.lower() != "none"]
-    methods, reconstructors = {}, {}
-    for path in model_paths:
+    model_specs = [DEFAULT_MODEL] if args.model is None else [m for m in args.model if m.lower() != "none"]
+    methods, reconstructors, models = {}, {}, {}
+    for spec in model_specs:
+        path, options, base = model_spec(spec)
         if not Path(path).is_file():
             print(f"model {path} not found")
             return 1
-        name = model_name(path, methods)
-        methods[name] = model_method(path, threads=args.threads, reflect_average=args.reflect_average)
+        name = model_name(base, methods)
+        methods[name] = model_method(path, threads=args.threads,
+                                     **{"reflect_average": args.reflect_average, **options})
         reconstructors[name] = methods[name].reconstructor
+        models[name] = {"path": path, "options": options, "metadata": methods[name].metadata}
     for spec in args.method:
         name, method = method_from_spec(spec)
         methods[name] = method
@@ -162,8 +169,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     datasets = load_datasets(data_dir, one_d) if one_d else []
     extra = evaluate_poisson2d(data_dir, reconstructors, use_bart) if POISSON2D in args.datasets else []
-    info = {"models": {name: {"path": path, "metadata": methods[name].metadata}
-                       for name, path in zip(list(methods), model_paths)},
+    info = {"models": models,
             "command": " ".join(["pisf"] + sys.argv[1:])}
     extra_datasets = [{"name": POISSON2D, "source": "brain_8coil_poisson_ksp.cfl",
                        "description": "in-vivo brain, 8 coils, already 2D-Poisson undersampled (previous code path)",

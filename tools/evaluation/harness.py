@@ -17,7 +17,8 @@ are `tools.evaluation.datasets.sampled_lines(calibration_kspace)`. Plug methods 
     run_evaluation(load_datasets(), {"my_method": my_method}, out=Path("runs/eval"))
 
 or on the command line with `pisf evaluate --model MODEL.onnx` (an ONNX model through
-`model_method`) or `--method NAME=package.module:factory` (factory() returns a method).
+`model_method`; `--model MODEL.onnx:block_cg=8,reflect_average=1` with run-time options, see
+`model_spec`) or `--method NAME=package.module:factory` (factory() returns a method).
 Metrics: tools/evaluation/metrics.py `all_metrics` (after a least-squares scale match: PSNR, SSIM, NMSE,
 foreground PSNR) plus `foreground_ssim` (SSIM over the object only) as `ssim_fg`.
 Writes OUT/results.json, OUT/results.md and OUT/figure_<dataset>.png.
@@ -33,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from tools.evaluation.bart import CACHE_DIR
-from tools.evaluation.datasets import Case, Dataset, make_cases, sampled_lines, undersample
+from tools.evaluation.datasets import Case, Dataset, dataset_cases, sampled_lines, undersample
 
 Method = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 ZERO_FILLED = "zero_filled"
@@ -62,6 +63,44 @@ def model_method(model_path: str | Path, threads: int = 1, **options) -> Method:
     method.metadata = dict(recon.metadata)
     method.reconstructor = recon
     return method
+
+
+# run-time options of a PISF model (`model_spec`): PisfReconstructor keywords, and contract 3's
+# UnrolledPisf options, which PisfReconstructor takes as its `unrolled` dict
+MODEL_OPTIONS = {"init_cg": int, "block_cg": int, "row_coils": int, "multi_shift": bool,
+                 "reflect_average": bool, "max_rows_per_run": int, "virtual_coils": int}
+UNROLLED_OPTIONS = ("init_cg", "block_cg", "row_coils", "multi_shift")
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def model_spec(spec: str) -> tuple[str, dict, str]:
+    """'PATH' or 'PATH:key=value[,key=value...]' (keys in MODEL_OPTIONS) -> (path, PisfReconstructor
+    keywords, method name: the file's stem plus the options as written, e.g. 'pisf_v3:block_cg=8')."""
+    head, colon, tail = spec.rpartition(":")
+    if not colon or "=" not in tail or Path(spec).is_file():
+        return spec, {}, Path(spec).stem
+    options = {}
+    for item in tail.split(","):
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if key not in MODEL_OPTIONS or not equals or not value:
+            raise ValueError(f"model option {item!r} in {spec!r}: expected key=value with key in "
+                             f"{', '.join(MODEL_OPTIONS)}")
+        options[key] = _option_value(key, value)
+    unrolled = {key: options.pop(key) for key in UNROLLED_OPTIONS if key in options}
+    if unrolled:
+        options["unrolled"] = unrolled
+    return head, options, f"{Path(head).stem}:{tail}"
+
+
+def _option_value(key: str, text: str):
+    if MODEL_OPTIONS[key] is bool:
+        if text.lower() not in TRUE_WORDS + FALSE_WORDS:
+            raise ValueError(f"model option {key}={text}: expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
+        return text.lower() in TRUE_WORDS
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"model option {key}={text}: expected an integer") from None
 
 
 def method_from_spec(spec: str) -> tuple[str, Method]:
@@ -143,7 +182,7 @@ def run_evaluation(datasets: list[Dataset], methods: dict[str, Method], out: str
     for dataset in datasets:
         log(f"{dataset.name}: {dataset.description} ({dataset.source})")
         panels = []
-        for case in make_cases(dataset.name, dataset.kspace.shape[1], quick=quick, seed=seed):
+        for case in dataset_cases(dataset, quick=quick, seed=seed):
             row, images = evaluate_case(dataset, case, methods, use_bart, bart_cache, log=log)
             rows.append(row)
             panels.append((case, images))
