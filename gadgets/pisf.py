@@ -187,7 +187,25 @@ def guard_reasons(data: SliceData, partitions: int, reconstructor: PisfReconstru
         needed = 0
     if data.coils < needed:
         reasons.append(("coils", f"{data.coils} receive channels; the model was trained with {needed} (virtual) coils"))
+    else:
+        limit = coil_acceleration_limit(metadata, data.coils)
+        if limit is not None and data.acceleration > limit[1] + 0.05:   # R from line counts: rounding
+            reasons.append(("coils", f"{data.coils} receive channels at R {data.acceleration:.2f}; the model was "
+                                     f"trained with {limit[0]}-channel arrays up to R {limit[1]:g}"))
     return reasons
+
+
+def coil_acceleration_limit(metadata: dict, coils: int) -> tuple[int, float] | None:
+    """(channels, highest trained R) of the `trained_coil_acceleration` entry ("channels:R,...",
+    tools/training/export.py) that covers a slice with `coils` channels: the largest channel
+    count <= coils. None where the metadata has no such table (models before v3)."""
+    try:
+        table = sorted((int(c), float(r)) for c, r in
+                       (entry.split(":") for entry in str(metadata["trained_coil_acceleration"]).split(",")))
+    except (KeyError, ValueError):
+        return None
+    covering = [entry for entry in table if entry[0] <= coils]
+    return covering[-1] if covering else None
 
 
 class PisfRecon:

@@ -257,3 +257,31 @@ def test_espirit_runs_once_per_slice_on_contract_2(stage, monkeypatch):
     recon, _ = stage({**RANGES, "trained_acceleration_max": "2"}, side_by_side="sense")
     run(recon, slice_item(kspace, mask, lines))                  # a fallback slice calibrates itself
     assert len(calls) == 1
+
+
+FEW_COILS = {**RANGES, "trained_coils_min": "2", "trained_coil_acceleration": "2:2,4:4,8:9"}
+
+
+@pytest.mark.parametrize("coils, runs", [(4, True), (2, False), (8, True)])
+def test_few_coil_slices_run_the_model_up_to_the_acceleration_it_was_trained_with(stage, coils, runs):
+    """A model trained on 2- and 4-channel arrays (R <= channels) takes a 4-channel slice at R 2.56
+    and refuses a 2-channel one at the same R, naming the limit."""
+    recon, model = stage(FEW_COILS)
+    kspace, mask, lines = scan(coils=coils)
+    texts, images = run(recon, slice_item(kspace, mask, lines))
+    assert model.calls == (1 if runs else 0)
+    if runs:
+        assert texts == [] and images[0].meta["PISF_Method"] == "PISF"
+    else:
+        assert len(texts) == 1 and "2 receive channels at R 2.56" in texts[0]
+        assert "trained with 2-channel arrays up to R 2" in texts[0]
+        assert images[0].meta["PISF_Method"] == "SENSE"
+
+
+def test_coil_acceleration_limit_reads_the_covering_entry():
+    table = {"trained_coil_acceleration": "2:2,4:4,8:9"}
+    assert pisf_gadget.coil_acceleration_limit(table, 3) == (2, 2.0)
+    assert pisf_gadget.coil_acceleration_limit(table, 16) == (8, 9.0)
+    assert pisf_gadget.coil_acceleration_limit(table, 1) is None
+    assert pisf_gadget.coil_acceleration_limit({}, 4) is None
+    assert pisf_gadget.coil_acceleration_limit({"trained_coil_acceleration": "junk"}, 4) is None
