@@ -3,6 +3,10 @@
 Placement follows the encoding: ky (and kz) relative to the encoding-limit centre, kx relative
 to each line's centre sample, so partial Fourier and asymmetric echoes land where they belong.
 ACS-only lines go to the calibration buffer only; ACS-and-imaging lines go to both.
+A separate reference scan (header calibrationMode separate), where a reference_prep stage prepares
+it: each slice position's reference lines go out as a ReferenceData item as soon as they are
+complete (at the first line that is not one of them, or at one flagged ACQ_LAST_IN_SLICE), so
+their calibration starts before the image lines; they stay in the slice's calibration buffer too.
 A slice is emitted at LAST_IN_SLICE, or as soon as every ky of the encoding limits is there;
 slices still open when the stream ends are flushed with a warning rather than lost.
 """
@@ -14,7 +18,8 @@ import ismrmrd
 import numpy as np
 
 from .context import InputError, StreamContext
-from .items import KSpaceSlice, Notice, SliceKey
+from .items import KSpaceSlice, Notice, ReferenceData, SliceKey
+from .slices import calibration_mode
 
 # Lines that are not k-space samples of the image (navigators, phase correction, ...).
 _SKIPPED_FLAGS = (ismrmrd.ACQ_IS_NOISE_MEASUREMENT, ismrmrd.ACQ_IS_NAVIGATION_DATA,
@@ -32,6 +37,7 @@ class _OpenSlice:
         self.calibration_sampled = None
         self.line_header = None
         self.line_header_distance = None
+        self.first_line_time = None
 
     def add_calibration(self, kz, ky, x0, data):
         if self.calibration is None:
@@ -49,6 +55,8 @@ class SliceAccumulator:
         self.ny, self.nz = enc.encoded_matrix[1], enc.encoded_matrix[2]
         self.ky_min, self.ky_max, _ = enc.ky_limits
         self.open: dict[SliceKey, _OpenSlice] = {}
+        self.separate = calibration_mode(context.header) == "separate"
+        self.pending_reference: SliceKey | None = None     # separate reference lines still arriving
 
     def _position(self, acquisition: ismrmrd.Acquisition) -> tuple[int, int, int]:
         """(kz, ky, first kx) of a line in the buffer, or InputError when it does not fit."""
@@ -69,16 +77,27 @@ class SliceAccumulator:
         return kz, ky, x0
 
     def __call__(self, items):
+        # read when the stream starts: the reference_prep stage is built after this one
+        references = self.separate and getattr(self.context, "reference_preparation", None) is not None
         for item in items:
             if not isinstance(item, ismrmrd.Acquisition):
                 yield item
                 continue
             if any(item.is_flag_set(flag) for flag in _SKIPPED_FLAGS):
                 continue
+            reference_line = references and item.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+            key = SliceKey.of(item.idx)
+            if self.pending_reference is not None and not (reference_line and key == self.pending_reference):
+                yield from self._reference_data()
             finished = self._add(item)
+            if reference_line:
+                self.pending_reference = key
+                if item.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
+                    yield from self._reference_data()
             if finished is not None:
                 self.context.check_cancelled(f"{finished.key}")   # a client that has gone gets no more slices
                 yield self._emit(finished, complete=True, arrival=self.context.last_arrival)
+        yield from self._reference_data()
         for key in sorted(self.open):
             self.context.check_cancelled(f"{key}")
             open_slice = self.open[key]
@@ -90,6 +109,15 @@ class SliceAccumulator:
                          f"reconstructed what arrived")
             yield self._emit(open_slice, complete=False, arrival=None)
         self.open.clear()
+
+    def _reference_data(self):
+        """The pending separate reference as a ReferenceData item (a copy of its lines)."""
+        key, self.pending_reference = self.pending_reference, None
+        open_slice = self.open.get(key) if key is not None else None
+        if open_slice is not None and open_slice.calibration is not None:
+            sampled = open_slice.calibration_sampled
+            yield ReferenceData(key, open_slice.calibration[:, sampled], sampled.copy(),
+                                self.context.last_arrival or time.monotonic())
 
     def _add(self, acquisition: ismrmrd.Acquisition) -> _OpenSlice | None:
         key = SliceKey.of(acquisition.idx)
@@ -111,6 +139,8 @@ class SliceAccumulator:
             return None  # an ACS-only line never ends a slice: imaging lines follow
         open_slice.kspace[:, kz, ky, x0:x0 + data.shape[1]] = data
         open_slice.sampled[kz, ky] = True
+        if open_slice.first_line_time is None:
+            open_slice.first_line_time = self.context.last_arrival or time.monotonic()
         # Geometry comes from the line nearest the k-space centre (all agree for 2D Cartesian).
         distance = abs(ky - self.ny // 2)
         if open_slice.line_header is None or distance < open_slice.line_header_distance:
@@ -129,4 +159,5 @@ class SliceAccumulator:
         return KSpaceSlice(key=open_slice.key, kspace=open_slice.kspace, sampled=open_slice.sampled,
                            calibration=open_slice.calibration, calibration_sampled=open_slice.calibration_sampled,
                            line_header=open_slice.line_header, complete=complete,
-                           last_line_time=arrival if arrival is not None else time.monotonic())
+                           last_line_time=arrival if arrival is not None else time.monotonic(),
+                           first_line_time=open_slice.first_line_time)

@@ -28,6 +28,7 @@ GADGETS = {
     "noise_prewhitening": "gadgets.noise:NoisePrewhitening",
     "remove_oversampling": "gadgets.oversampling:RemoveOversampling",
     "slice_accumulator": "gadgets.accumulate:SliceAccumulator",
+    "reference_prep": "gadgets.reference_prep:ReferencePrep",
     "zerofill_recon": "gadgets.zerofill:ZeroFilledRecon",
     "pisf_recon": "gadgets.pisf:PisfRecon",
     "grappa_recon": "gadgets.classical:GrappaRecon",

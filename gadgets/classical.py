@@ -29,6 +29,7 @@ from .numerics.grappa import DEFAULT_KX_TAPS, DEFAULT_KY_SOURCES, grappa_fill
 from .numerics.quality import sense_residual
 from .numerics.reference import MIN_CALIBRATION_REFERENCE_LINES, centre_region
 from .numerics.sense import sense_l1_wavelet, sense_tikhonov
+from .reference_prep import CalibrationRecipe, declare_recipe, prepared_calibration
 from .slices import SliceData, acs_as_data_default, partitions
 
 METHODS = ("grappa", "sense")
@@ -155,6 +156,11 @@ class ClassicalRecon:
                                          ky_sources=int(ky_sources), kx_taps=int(kx_taps),
                                          sense_regulariser=str(regulariser), **counts)
         self.noted: set[str] = set()
+        # the sense calibration (reconstruct_classical's): a reference_prep stage may prepare it ahead
+        self.recipe = (CalibrationRecipe(self.options.virtual_coils, SENSE_CALIBRATION_REGION)
+                       if self.method == "sense" else None)
+        if self.recipe is not None:
+            declare_recipe(context, self.recipe)
 
     def __call__(self, items):
         for item in items:
@@ -165,13 +171,17 @@ class ClassicalRecon:
 
     def _reconstruct(self, item: KSpaceSlice):
         self.context.check_cancelled(f"{item.key}")
-        results = [reconstruct_classical(data, self.method, self.options)
-                   for data in partitions(item, self.acs_as_data)]
+        planes = partitions(item, self.acs_as_data)
+        calibration = prepared_calibration(item, self.recipe) if len(planes) == 1 else None
+        results = [reconstruct_classical(data, self.method, self.options,
+                                         maps=calibration.maps_pair if calibration else None) for data in planes]
         first = results[0]
         if first.note and first.note not in self.noted:
             self.noted.add(first.note)
             yield Notice(f"{item.key}: {first.note} (further slices with the same reason are not announced)")
         meta = dict(first.meta)
+        if calibration is not None:
+            meta.update(calibration.meta(item.first_line_time))
         if len(results) > 1:
             meta["PISF_ReconMs"] = f"{sum(float(r.meta['PISF_ReconMs']) for r in results):.1f}"
         yield ReconImage(key=item.key, data=np.stack([r.magnitude for r in results]), line_header=item.line_header,

@@ -97,6 +97,7 @@ class StreamContext:
     last_arrival: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     peer_gone: Callable[[], bool] | None = None
+    reference_preparation: Any = None   # the chain's reference_prep stage, if any (gadgets/reference_prep.py)
 
     def is_cancelled(self) -> bool:
         """True once the client is known to be gone (sets `cancelled` when the probe finds it)."""

@@ -52,6 +52,11 @@ class KSpaceSlice:
       the image; not to be confused with the reference lines, which are `calibration`).
     complete: False when the slice was flushed at the end of the stream before its last line.
     last_line_time: time.monotonic() when its last line arrived (latency accounting).
+    first_line_time: time.monotonic() when its first imaging line arrived (None where unknown).
+    reference: the reference_prep stage's PreparedReference (gadgets/reference_prep.py): the
+      calibration of its reference block, shared with other images of the same reference data.
+    reference_shared: `calibration` is its slice position's separate reference, measured for
+      every image of the position, not lines of this image: it calibrates, it is never image data.
     """
 
     key: SliceKey
@@ -62,12 +67,39 @@ class KSpaceSlice:
     line_header: ismrmrd.AcquisitionHeader
     complete: bool = True
     last_line_time: float = field(default_factory=time.monotonic)
+    first_line_time: float | None = None
+    reference: Any = None
+    reference_shared: bool = False
 
     def acs_lines(self) -> np.ndarray:
         """Calibration lines [coils, n, kx] (n over all kz, ky; falls back to the imaging lines)."""
         if self.calibration is not None and self.calibration_sampled.any():
             return self.calibration[:, self.calibration_sampled]
         return self.kspace[:, self.sampled]
+
+
+@dataclass
+class ReferenceData:
+    """A separate reference scan's lines of one slice position, complete (the slice accumulator
+    emits it before the image lines it calibrates, for the reference_prep stage).
+
+    key: the reference lines' counters (key.slice is the slice position).
+    calibration: complex64 [coils, n, kx], the n reference lines in calibration_sampled's order;
+    calibration_sampled: bool [kz, ky] where they lie (a copy: later lines do not change them).
+    arrival: time.monotonic() of the line that completed it.
+    """
+
+    key: SliceKey
+    calibration: np.ndarray
+    calibration_sampled: np.ndarray
+    arrival: float
+
+    def grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """(calibration [coils, kz, ky, kx], calibration_sampled [kz, ky]) as in a KSpaceSlice."""
+        coils, _, kx = self.calibration.shape
+        grid = np.zeros((coils,) + self.calibration_sampled.shape + (kx,), dtype=self.calibration.dtype)
+        grid[:, self.calibration_sampled] = self.calibration
+        return grid, self.calibration_sampled
 
 
 @dataclass

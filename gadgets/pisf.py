@@ -33,6 +33,7 @@ from .items import KSpaceSlice, Notice, ReconImage
 from .numerics.pisf_inference import SCAN_CALIBRATED, PisfReconstructor, SliceReconstruction
 from .numerics.quality import normalised_difference
 from .numerics.reference import MIN_CALIBRATION_REFERENCE_LINES
+from .reference_prep import CalibrationRecipe, CalibrationUse, declare_recipe, prepared_calibration
 from .slices import SliceData, acs_as_data_default, partitions
 
 log = logging.getLogger("pisf.gadget")
@@ -255,6 +256,11 @@ class PisfRecon:
         self.trajectory = str(getattr(trajectory, "value", trajectory)) if trajectory is not None else None
         self.ranges = trained_ranges(self.reconstructor.metadata)
         self.announced: set[str] = set()
+        # what PisfReconstructor.calibrate computes: a reference_prep stage may prepare it ahead
+        self.recipe = (CalibrationRecipe(self.reconstructor.virtual_coils)
+                       if self.reconstructor.contract in SCAN_CALIBRATED else None)
+        if self.recipe is not None:
+            declare_recipe(context, self.recipe)
 
     @staticmethod
     def warm_up(model: str = "pisf_sense.onnx", providers=DEFAULT_PROVIDERS, threads: int = 0,
@@ -294,7 +300,7 @@ class PisfRecon:
         pisf = None
         if not reasons:
             try:
-                pisf = self._pisf(data)
+                pisf = self._pisf(data, item)
             except ValueError as exc:     # the inference core refuses what it cannot reconstruct
                 reasons = [("refused", f"the PISF model refused the slice: {exc}")]
         if reasons:
@@ -314,7 +320,7 @@ class PisfRecon:
         if side is not None:
             yield self._classical_image(item, [side], series=self.side_series)
 
-    def _pisf(self, data: SliceData):
+    def _pisf(self, data: SliceData, item: KSpaceSlice):
         """(magnitude [ny, nx], meta, (compression, maps) or None) of the network on one slice,
         with the data-consistency residual of its image on the measured lines. The inference core
         calibrates and compresses once and hands back what the residual needs; contract 2's maps
@@ -322,7 +328,7 @@ class PisfRecon:
         _, lines, _ = data.reference_block()
         clock = time.perf_counter
         t0 = clock()
-        result, batch_slices = self._infer(data)
+        result, batch_slices, calibration = self._infer(data, item)
         t1 = clock()
         residual = result.data_consistency()
         inference, signals = t1 - t0, clock() - t1
@@ -337,24 +343,31 @@ class PisfRecon:
                 "PISF_Guard": (f"pass (trained ranges: {ranges})" if ranges
                                else "pass (model metadata has no trained ranges: acceleration and row "
                                     "length unchecked)")}
+        if calibration is not None:
+            meta.update(calibration.meta(item.first_line_time))
         return magnitude, meta, maps
 
-    def _infer(self, data: SliceData) -> tuple[SliceReconstruction, int]:
-        """The slice through the shared queue: (reconstruction, slices in its network batch).
+    def _infer(self, data: SliceData, item: KSpaceSlice
+               ) -> tuple[SliceReconstruction, int, CalibrationUse | None]:
+        """The slice through the shared queue: (reconstruction, slices in its network batch, the
+        calibration reference_prep prepared, None where the core calibrated itself).
+        
         Waits for a slot among the server's slices in flight, prepares the slice here, waits for
         the batch it joins; StreamCancelled if the client goes meanwhile (ValueError where the
         core refuses the slice)."""
         cancelled = self.context.is_cancelled
         try:
             with ADMISSION.acquire(cancelled) as slot:
+                calibration = prepared_calibration(item, self.recipe)
+                ready = {"maps": calibration.maps_pair} if calibration is not None else {}
                 prepared = self.reconstructor.prepare_slice(data.kspace, data.mask, data.reference_kspace,
-                                                            data.reference_lines)
+                                                            data.reference_lines, **ready)
                 self.context.check_cancelled("the network run of this slice")
                 future = self.scheduler.submit(prepared, prepared.rows, prepared.batch_key, cancelled, slot)
                 output, batch_slices = future.result()
         except Cancelled as exc:
             raise StreamCancelled(str(exc)) from None
-        return self.reconstructor.finish_slice(prepared, output), batch_slices
+        return self.reconstructor.finish_slice(prepared, output), batch_slices, calibration
 
     def _fall_back(self, item: KSpaceSlice, planes: list[SliceData], reasons: list[tuple[str, str]],
                    started: float):

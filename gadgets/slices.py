@@ -79,7 +79,7 @@ def slice_data(item: KSpaceSlice, acs_as_data: bool, partition: int = 0) -> Slic
     reference = lines = None
     if item.calibration is not None and item.calibration_sampled[partition].any():
         reference, lines = item.calibration[:, partition], item.calibration_sampled[partition]
-        if acs_as_data:
+        if acs_as_data and not item.reference_shared:   # another image's reference is never this image's data
             acs_only = lines & ~sampled
             if acs_only.any():
                 kspace = kspace.copy()
@@ -101,5 +101,6 @@ def partitions(item: KSpaceSlice, acs_as_data: bool) -> list[SliceData]:
                          None if item.calibration is None else ifftc(item.calibration, axes=(1,)).astype(np.complex64),
                          None if item.calibration_sampled is None
                          else np.broadcast_to(item.calibration_sampled.any(axis=0), item.sampled.shape),
-                         item.line_header, item.complete, item.last_line_time)
+                         item.line_header, item.complete, item.last_line_time,
+                         reference_shared=item.reference_shared)
     return [slice_data(planes, acs_as_data, z) for z in range(nz)]

@@ -30,7 +30,7 @@ from gadgets.numerics.coils import root_sum_of_squares
 from gadgets.numerics.fft import fftc, ifftc
 from gadgets.wire.validate import ScanIdentity
 from tools.rawdata.groundtruth import GROUNDTRUTH_NAME, write_groundtruth
-from tools.rawdata.masks import simulation_lines
+from tools.rawdata.masks import centre_block, simulation_lines
 
 GAMMA_HZ_PER_T = 42.577478e6
 FAT_SHIFT_PPM = -3.4
@@ -296,7 +296,7 @@ def partial_fourier_max(ny, partial_fourier):
 # Header
 # ----------------------------------------------------------------------------------------
 def build_header(*, matrix, oversampling, fov_mm, thickness_mm, coils, slices, phases, accel,
-                 ky_max, sequence, tr_ms, te_ms, flip_deg, field_t, seed):
+                 ky_max, sequence, tr_ms, te_ms, flip_deg, field_t, seed, reference="embedded"):
     nx_enc = matrix * oversampling
 
     def limit(minimum, maximum, center):
@@ -320,7 +320,8 @@ def build_header(*, matrix, oversampling, fov_mm, thickness_mm, coils, slices, p
         parallelImaging=xsd.parallelImagingType(
             accelerationFactor=xsd.accelerationFactorType(kspace_encoding_step_1=accel,
                                                           kspace_encoding_step_2=1),
-            calibrationMode=xsd.calibrationModeType.EMBEDDED),
+            calibrationMode=(xsd.calibrationModeType.SEPARATE if reference == "separate"
+                             else xsd.calibrationModeType.EMBEDDED)),
     )
     header = xsd.ismrmrdHeader(
         measurementInformation=xsd.measurementInformationType(
@@ -352,14 +353,22 @@ def simulated_identity(seed: int) -> ScanIdentity:
 def simulate(out_path, *, matrix=256, coils=8, accel=4, acs=24, mask="equispaced", slices=1,
              phases=1, oversampling=2, noise=0.02, partial_fourier=1.0, sequence="se", tr=None,
              te=None, flip=None, seed=0, fov=220.0, slice_thickness=5.0, slice_gap=1.0,
-             field_strength=3.0, store_sensitivities=False, verbose=False) -> dict:
+             field_strength=3.0, store_sensitivities=False, reference="embedded", verbose=False) -> dict:
     """Simulate and write an ISMRMRD raw file; return what was written (incl. ground truth).
 
     `noise` is the noise std per coil sample (k-space = image space, orthonormal FFT) relative
     to the brightest tissue (~1). With noise 0 no noise readout is written (a zero covariance
     cannot prewhiten). Acquisition order: noise readout, then slice (outer) / cine phase /
     ky ascending; one line per TR.
+    reference "separate": the `acs` centre lines are a separate reference scan, sent first (every
+    slice's, ky ascending, ACQ_IS_PARALLEL_CALIBRATION, phase 0; measured at the phase-0 state
+    with their own noise) as Siemens sends them; the image lines are the pattern alone, and one
+    reference serves every cine phase of its slice. "embedded": ACS lines inside each image.
     """
+    if reference not in ("embedded", "separate"):
+        raise ValueError("reference must be 'embedded' or 'separate'")
+    if reference == "separate" and acs < 1:
+        raise ValueError("a separate reference scan needs --acs lines (at least 1)")
     t_start = time.perf_counter()
     scan = ScanSettings.checked(matrix=matrix, coils=coils, accel=accel, acs=acs, mask=mask, slices=slices,
                                 phases=phases, oversampling=oversampling, noise=noise,
@@ -379,13 +388,17 @@ def simulate(out_path, *, matrix=256, coils=8, accel=4, acs=24, mask="equispaced
         matrix=scan.matrix, oversampling=scan.oversampling, fov_mm=scan.fov, thickness_mm=scan.slice_thickness,
         coils=scan.coils, slices=scan.slices, phases=scan.phases, accel=scan.accel, ky_max=scan.ky_max,
         sequence=scan.sequence, tr_ms=scan.tr, te_ms=scan.te, flip_deg=scan.flip, field_t=scan.field_strength,
-        seed=scan.seed))
+        seed=scan.seed, reference=reference))
     writer = AcquisitionWriter(scan)
+    separate = reference == "separate"
     with ismrmrd.Dataset(out_path, "dataset", create_if_needed=True) as dataset:
         dataset.write_xml_header(header_xml)
         if scan.noise > 0:
             noise_scan = correlated_noise(scene.covariance, (scan.nx_enc,), scene.rng_noise)
             dataset.append_acquisition(writer.acquisition(noise_scan, [ismrmrd.ACQ_IS_NOISE_MEASUREMENT]))
+        if separate:
+            for acq in _separate_reference(scan, scene, writer):
+                dataset.append_acquisition(acq)
         for s, z_mm in enumerate(scene.slice_z_mm):
             for p, (kspace, coil_images, obj, sens) in enumerate(scene.slice_images(s, z_mm)):
                 if p == 0:
@@ -394,6 +407,8 @@ def simulate(out_path, *, matrix=256, coils=8, accel=4, acs=24, mask="equispaced
                 truth["combined"][s, p] = obj[:, scene.crop]
                 pattern, acs_mask = simulation_lines(scan.ny, scan.accel, scan.acs, scan.mask, scan.ky_max,
                                                      scene.rng_mask)
+                if separate:     # the centre lines came in the reference scan: image lines = pattern
+                    acs_mask = np.zeros_like(acs_mask)
                 acquired = np.flatnonzero(pattern | acs_mask)
                 truth["mask"][s, p, acquired] = 1
                 lines_per_image[s, p] = len(acquired)
@@ -595,6 +610,20 @@ class AcquisitionWriter:
             yield acq
 
 
+def _separate_reference(scan: ScanSettings, scene: Scene, writer: AcquisitionWriter):
+    """The separate reference scan of every slice: its `acs` centre lines at the phase-0 state,
+    with their own noise, ACQ_IS_PARALLEL_CALIBRATION, slice s, phase 0, ky ascending."""
+    rows = np.flatnonzero(centre_block(scan.ny, scan.acs))     # the image's ACS block (simulation_lines)
+    for s, z_mm in enumerate(scene.slice_z_mm):
+        kspace = next(scene.slice_images(s, z_mm))[0]
+        lines = kspace[:, rows, :] + correlated_noise(scene.covariance, (len(rows), scan.nx_enc), scene.rng_noise)
+        for n, ky in enumerate(rows):
+            acq = writer.acquisition(lines[:, n, :].astype(np.complex64), [ismrmrd.ACQ_IS_PARALLEL_CALIBRATION],
+                                     kspace_encode_step_1=int(ky), slice=s, phase=0)
+            acq.position[:] = (0.0, 0.0, float(z_mm))
+            yield acq
+
+
 def _write_truth(f: h5py.File, scan: ScanSettings, scene: Scene, truth: dict, store_sensitivities: bool) -> None:
     # Inside the raw data's group (/dataset/pisf_groundtruth), so that clients which want a
     # single top-level group (FIRE's client.py) stream the file as it is.
@@ -637,6 +666,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slice-thickness", type=float, default=5.0, help="mm")
     parser.add_argument("--slice-gap", type=float, default=1.0, help="mm")
     parser.add_argument("--field-strength", type=float, default=3.0, help="T")
+    parser.add_argument("--reference", choices=("embedded", "separate"), default="embedded",
+                        help="ACS lines inside every image (default), or a separate reference scan of "
+                             "--acs lines per slice, sent before all image lines and shared by the cine phases")
     parser.add_argument("--store-sensitivities", action="store_true",
                         help="also store the coil sensitivities in the ground-truth group")
 
@@ -683,7 +715,7 @@ def run(args: argparse.Namespace) -> int:
                      tr=args.tr, te=args.te, flip=args.flip, seed=args.seed, fov=args.fov,
                      slice_thickness=args.slice_thickness, slice_gap=args.slice_gap,
                      field_strength=args.field_strength, store_sensitivities=args.store_sensitivities,
-                     verbose=True)
+                     reference=args.reference, verbose=True)
             return 0
         except ValueError as exc:   # combinations checked by simulate() itself (partial Fourier vs ACS)
             problem = str(exc)
