@@ -289,9 +289,11 @@ def test_fire_style_client_gets_its_images(server, shepp_logan_raw):
         sender.start()
         messages = read_until_close(sock)
         sender.join()
-    # sendOriginal means nothing to our chains: said once, in a warning, and the scan goes on
-    assert len(texts(messages)) == 1 and texts(messages)[0].startswith("WARNING:")
-    assert "sendOriginal" in texts(messages)[0]
+    # sendOriginal means nothing to our chains: said once, in a warning, and the scan goes on (the
+    # other warning: Debian's generator writes <version>8</version>, which Gadgetron 4.7 refuses)
+    warnings = [text for text in texts(messages) if "leave <version> out" not in text]
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING:") and len(texts(messages)) == 2
+    assert "sendOriginal" in warnings[0]
     received = images(messages)
     assert len(received) == 4
     assert {tuple(i.data.shape) for i in received} == {(1, 1, 128, 128)}

@@ -50,7 +50,9 @@ def test_zero_filled_images_match_independent_numpy_recon(server, shepp_logan_ra
 
 def test_shepp_logan_from_ismrmrd_tools_streams_all_repetitions(server, shepp_logan_raw):
     result = replay(shepp_logan_raw, *server.address, config="zerofill")
-    assert result.closed and result.error is None and not result.texts
+    # the one TEXT: Debian's generator writes <version>8</version>, which Gadgetron 4.7 would refuse
+    assert result.closed and result.error is None and len(result.texts) == 1
+    assert result.texts[0].startswith("WARNING:") and "leave <version> out" in result.texts[0]
     images = [r.image for r in result.images]
     assert sorted(i.repetition for i in images) == [0, 1, 2, 3]
     for image in images:
