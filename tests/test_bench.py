@@ -21,7 +21,7 @@ def test_bench_tiny_zerofill(tmp_path):
     has_bart = shutil.which("bart") is not None
     report = run_bench(tmp_path, chains=("zerofill",), slices=2, matrix=64, coils=4, accel=4, acs=12,
                        use_shared=False, bart_slices=1 if has_bart else 0, realtime=True, realtime_slices=3,
-                       tr_ms=5.0, soak=4, min_images=2, log=lambda *_: None)
+                       tr_ms=5.0, soak=4, min_images=2, connections=(3,), log=lambda *_: None)
 
     assert report["hardware"]["cpu_cores"] >= 1 and report["hardware"]["cpu_model"]
     [run] = report["runs"]
@@ -32,6 +32,11 @@ def test_bench_tiny_zerofill(tmp_path):
         assert 0 < run[key]["p50"] <= run[key]["p95"] < 30_000
     assert run["slices_per_s"] > 0 and run["peak_rss_mib"] > 10
     assert [p["slice"] for p in run["per_image"]] == [0, 1]
+
+    [together] = report["concurrent"]       # three clients at once, each image against one client's
+    assert "failure" not in together and together["connections"] == 3
+    assert together["images_expected"] == together["images_equal"] == together["images"] == 6
+    assert together["peak_rss_mib"] > 10 and together["server_latency_ms"]["n"] == 6
 
     rt = report["realtime"]
     [rt_run] = rt["chains"]
@@ -55,4 +60,14 @@ def test_bench_tiny_zerofill(tmp_path):
     assert saved["runs"][0]["images"] == 2
     text = (tmp_path / "bench.md").read_text()
     assert "| simulated | zerofill | 2 |" in text and text == markdown(report)
+    assert "| zerofill | 3 | 6 / 6 |" in text
     assert ("plot" in report and (tmp_path / "bench.png").stat().st_size > 0) or "plot_skipped" in report
+
+
+def test_bench_model_growth_fit_recovers_the_exponent_per_model_and_threads():
+    from tools.bench.model import growth
+    results = [{"model": m, "threads": 1, "slice": f"{n}x{n}x8", "reconstruct_median_s": c * n ** p}
+               for m, c, p in (("v2", 1e-6, 2.6), ("v3", 3e-7, 2.1)) for n in (128, 256, 384)]
+    fits = growth(results, "reconstruct_median_s")
+    assert fits == {"v2 threads 1": 2.6, "v3 threads 1": 2.1}
+    assert growth(results[:1], "reconstruct_median_s") == {}      # one size: no fit

@@ -121,21 +121,19 @@ def bench(model_paths: list[str], threads_list: list[int], repeats: int = 10, si
     return results
 
 
-def bench_bart(repeats: int = 3, size: int = 256, coils: int = 8, acceleration: int = 4) -> dict:
-    """BART on the same slice, one thread (REFERENCE.md): ecalib -m1 -r 24 -k 4 -c 0.9, then
-    pics -S -l1 -r 0.01 and pics -S -l2 -r 0.01; median seconds per step and per pipeline. The
-    slice goes in BART's own order (tools/evaluation/bart.py: to_bart)."""
+def bench_bart(repeats: int = 3, size: int = 256, coils: int = 8, acceleration: int = 4,
+               threads: int = 1) -> dict:
+    """BART on the same slice as the models (`bench_slice`), OMP_NUM_THREADS=threads: ecalib -m1
+    -r 24 -k 4 -c 0.9, then pics -S -l1 -r 0.01 and pics -S -l2 -r 0.01; median seconds per step
+    and per pipeline. The slice goes in BART's own order (tools/evaluation/bart.py: to_bart)."""
     import tempfile
 
     from tools.evaluation.bart import run_bart, single_thread_env, write_bart
-    kspace = phantom_slice(size, coils)
-    mask = np.zeros(size, dtype=np.float32)
-    mask[::acceleration] = 1
-    mask[size // 2 - 12: size // 2 + 12] = 1
-    env = single_thread_env()
+    measured, _, _ = bench_slice(size, coils, acceleration)
+    env = dict(single_thread_env(), OMP_NUM_THREADS=str(threads))
     times = {"ecalib": [], "pics_l1": [], "pics_l2": []}
     with tempfile.TemporaryDirectory(prefix="pisf_bench_bart_") as tmp:
-        write_bart(f"{tmp}/ksp", kspace * mask[None, :, None])
+        write_bart(f"{tmp}/ksp", measured)
         commands = {"ecalib": ["ecalib", "-m1", "-r", "24", "-k", "4", "-c", "0.9", "ksp", "sens"],
                     "pics_l1": ["pics", "-S", "-l1", "-r", "0.01", "ksp", "sens", "rec1"],
                     "pics_l2": ["pics", "-S", "-l2", "-r", "0.01", "ksp", "sens", "rec2"]}
@@ -143,9 +141,25 @@ def bench_bart(repeats: int = 3, size: int = 256, coils: int = 8, acceleration: 
             for step, args in commands.items():
                 times[step].append(run_bart(args, env, cwd=tmp))
     median = {step: float(np.median(values)) for step, values in times.items()}
-    return {"bart": True, "slice": f"{size}x{size}x{coils}", "threads": 1, **{f"{k}_median_s": v for k, v in median.items()},
+    return {"bart": True, "slice": f"{size}x{size}x{coils}", "threads": threads,
+            **{f"{k}_median_s": v for k, v in median.items()},
             "ecalib_pics_l1_s": median["ecalib"] + median["pics_l1"],
             "ecalib_pics_l2_s": median["ecalib"] + median["pics_l2"], "repeats": repeats}
+
+
+def growth(results: list[dict], key: str) -> dict:
+    """Least-squares exponent p of time ~ size^p per (model, threads) over the sizes measured."""
+    series: dict[tuple, list] = {}
+    for result in results:
+        if key in result:
+            series.setdefault((result.get("model", "bart"), result["threads"]), []).append(
+                (int(result["slice"].split("x")[0]), result[key]))
+    fits = {}
+    for (model, threads), points in series.items():
+        if len(points) >= 2:
+            sizes, seconds = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+            fits[f"{model} threads {threads}"] = round(float(np.polyfit(sizes, seconds, 1)[0]), 2)
+    return fits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,14 +177,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gadgets import limit_blas_threads
     limit_blas_threads()          # as in the server (OpenBLAS threads thrash on small matrices)
+    import shutil
+    with_bart = args.bart and shutil.which("bart") is not None
+    if args.bart and not with_bart:
+        print("bart not found: BART timing skipped")
+    models, barts = [], []
     for size in args.sizes:
         for result in bench(args.models, args.threads, args.repeats, size, args.coils,
                             max_rows_per_run=args.max_rows_per_run):
             print(json.dumps(result), flush=True)
-    if args.bart:
-        import shutil
-        if shutil.which("bart") is None:
-            print("bart not found: BART timing skipped")
-        else:
-            print(json.dumps(bench_bart(max(1, min(args.repeats, 3)))), flush=True)
+            models.append(result)
+        for threads in args.threads if with_bart else ():
+            result = bench_bart(max(1, min(args.repeats, 3)), size, args.coils, threads=threads)
+            print(json.dumps(result), flush=True)
+            barts.append(result)
+            for model in (m for m in models if m["slice"] == result["slice"] and m["threads"] == threads):
+                print(json.dumps({"ratio_to_bart_l1": model["model"], "slice": result["slice"], "threads": threads,
+                                  "end_to_end_over_bart": round(model["reconstruct_median_s"]
+                                                                / result["ecalib_pics_l1_s"], 3)}), flush=True)
+    if len(args.sizes) > 1:
+        print(json.dumps({"growth_exponent_end_to_end": growth(models, "reconstruct_median_s"),
+                          "growth_exponent_bart_l1": growth(barts, "ecalib_pics_l1_s")}), flush=True)
     return 0
