@@ -220,3 +220,16 @@ def test_a_worker_and_a_stage_compute_a_task_once():
     threading.Timer(0.05, gate.set).start()
     use = task.take()                                    # waits for the worker, does not compute again
     assert calls == ["pisf-calibration-1"] and use.where == "background" and use.held > 0
+
+
+def test_simulated_separate_reference_comes_first_and_only_calibrates(cine):
+    header, acquisitions = read_raw(cine["separate"])
+    assert parse_header(header).encoding[0].parallelImaging.calibrationMode.value == "separate"
+    lines = [a for a in acquisitions if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    is_reference = [a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) for a in lines]
+    assert is_reference == [True] * SLICES * 24 + [False] * (len(lines) - SLICES * 24)
+    assert not any(a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING) for a in lines)
+    assert {a.idx.phase for a in lines[:SLICES * 24]} == {0}
+    assert len(lines) - SLICES * 24 == SLICES * PHASES * 16        # image lines: every 4th of 64
+    with pytest.raises(ValueError, match="separate reference"):
+        simulate(cine["separate"].parent / "none.h5", matrix=32, coils=2, acs=0, reference="separate")
