@@ -225,7 +225,7 @@ class PisfRecon:
     slice alone). max_slices_in_flight is a server setting, read when the server starts
     (`declare_max_slices_in_flight`); per stream (a client's JSON or chain text) it is ignored."""
 
-    def __init__(self, context: StreamContext, model: str = "pisf_sense.onnx",
+    def __init__(self, context: StreamContext, model: str = "pisf_v3.onnx",
                  providers: list[str] | tuple[str, ...] = DEFAULT_PROVIDERS, threads: int = 0,
                  max_rows_per_run: int = 0, acs_as_data: str | bool = "auto", io_binding: bool | str = "auto",
                  fp16: bool = False, fallback: str = "sense", side_by_side: str | None = None,
@@ -263,7 +263,7 @@ class PisfRecon:
             declare_recipe(context, self.recipe)
 
     @staticmethod
-    def warm_up(model: str = "pisf_sense.onnx", providers=DEFAULT_PROVIDERS, threads: int = 0,
+    def warm_up(model: str = "pisf_v3.onnx", providers=DEFAULT_PROVIDERS, threads: int = 0,
                 max_rows_per_run: int = 0, io_binding: bool | str = "auto", fp16: bool = False,
                 max_rows_per_batch: int = DEFAULT_MAX_ROWS_PER_BATCH, max_slices_in_flight: int | None = None,
                 **_ignored) -> None:

@@ -53,7 +53,7 @@ def test_pisf_chain_beats_zero_filled_through_the_server(server, tmp_path):
                                  for r in result.images])
     image = results["pisf"].images[0].image
     assert image.meta["PISF_Provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
-    assert image.image_series_index == 2 and image.meta["ImageComment"].startswith("PISF sense (pisf_sense.onnx)")
+    assert image.image_series_index == 2 and image.meta["ImageComment"].startswith("PISF sense_v3 (pisf_v3.onnx)")
     assert scores["pisf"] > scores["zerofill"] + 5.0, scores
 
 

@@ -13,7 +13,7 @@ from tools.evaluation.datasets import load_brain16, load_phantom, make_cases, un
 from tools.rawdata.kspace_stream import acquisitions_from_kspace
 from tools.evaluation.metrics import psnr, scale_match
 
-SHIPPED = REPO / "models" / "pisf_sense.onnx"
+SHIPPED = REPO / "models" / "pisf_v3.onnx"   # the default model of the pisf chain
 LOADERS = {"phantom": (load_phantom, "phantom_8coil_full.mat"),
            "brain16": (load_brain16, "brain_16ch_96x96_full_ksp.npy")}
 

@@ -32,7 +32,7 @@ from tools.evaluation.datasets import DATASETS, DEFAULT_DATA, DEFAULT_DATASETS
 
 POISSON_LAMBDAS = (0.001, 0.003, 0.01, 0.03)
 POISSON2D = "brain_poisson2d"
-DEFAULT_MODEL = "models/pisf_sense.onnx"
+DEFAULT_MODEL = "models/pisf_v3.onnx"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
