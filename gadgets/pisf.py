@@ -12,15 +12,20 @@ says which method made it, and PISF images carry quality signals (see PisfRecon)
 Slices in flight (gadgets/inference_pool.py): a slice takes one of the server's slots (at most
 `max_slices_in_flight` in all connections together; a stage waits for one, which pushes its
 client back through TCP), is prepared (calibration, compression, normalisation) in its
-connection's thread, then joins the model's inference queue; one worker per model session runs
-the rows of every queued slice (up to `max_rows_per_batch` rows) as one batch. A slice whose
-client has gone is not started, and is dropped from the queue.
+connection, then joins the model's inference queue; one worker per model session runs the rows
+of every queued slice (up to `max_rows_per_batch` rows) as one batch. With `slices_ahead` > 1 a
+stream starts its next slices while earlier ones are in the network (so one scanner's queued
+slices share batches too); images leave in stream order. A slice whose client has gone is not
+started, and is dropped from the queue.
 """
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +33,9 @@ import numpy as np
 from .classical import METHODS, SERIES, classical_options, reconstruct_classical
 from .context import StreamCancelled, StreamContext
 from .finish import SERIES_META
-from .inference_pool import ADMISSION, Cancelled, InferenceScheduler
+from .inference_pool import ADMISSION, POLL_S, Cancelled, InferenceScheduler
 from .items import KSpaceSlice, Notice, ReconImage
-from .numerics.pisf_inference import SCAN_CALIBRATED, PisfReconstructor, SliceReconstruction
+from .numerics.pisf_inference import SCAN_CALIBRATED, PisfReconstructor, PreparedSlice
 from .numerics.quality import normalised_difference
 from .numerics.reference import MIN_CALIBRATION_REFERENCE_LINES
 from .reference_prep import CalibrationRecipe, CalibrationUse, declare_recipe, prepared_calibration
@@ -41,6 +46,8 @@ MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 DEFAULT_MAX_ROWS_PER_BATCH = 1024    # four 256-row slices per network run
+
+_END_OF_ITEMS = object()
 
 _sessions: dict[tuple, PisfReconstructor] = {}
 _schedulers: dict[tuple, InferenceScheduler] = {}
@@ -209,6 +216,19 @@ def coil_acceleration_limit(metadata: dict, coils: int) -> tuple[int, float] | N
     return covering[-1] if covering else None
 
 
+@dataclass
+class _StartedSlice:
+    """A slice between the stage's two halves (PisfRecon._start, PisfRecon._complete)."""
+    item: KSpaceSlice
+    at: float                                   # perf_counter when the stage took the slice
+    planes: list[SliceData]
+    reasons: list[tuple[str, str]] = field(default_factory=list)   # why the fallback makes its image
+    prepared: PreparedSlice | None = None
+    prepared_at: float = 0.0
+    future: Future | None = None                # the network's (output rows, batch size)
+    calibration: CalibrationUse | None = None   # reference_prep's, where it prepared the slice
+
+
 class PisfRecon:
     """KSpaceSlice -> ReconImage with the PISF network (2D slices, 1D undersampling along ky).
 
@@ -222,7 +242,9 @@ class PisfRecon:
     measured lines) and, side by side, PISF_DiffToClassical (normalised difference).
 
     max_rows_per_batch: rows of queued slices (of all connections) run as one batch (0: each
-    slice alone). max_slices_in_flight is a server setting, read when the server starts
+    slice alone). slices_ahead: slices of this stream between their start and their image (1:
+    one at a time; more: the next ones are prepared and queued for the network meanwhile, in a
+    helper thread of the stream). max_slices_in_flight is a server setting, read when the server starts
     (`declare_max_slices_in_flight`); per stream (a client's JSON or chain text) it is ignored."""
 
     def __init__(self, context: StreamContext, model: str = "pisf_v3.onnx",
@@ -230,8 +252,12 @@ class PisfRecon:
                  max_rows_per_run: int = 0, acs_as_data: str | bool = "auto", io_binding: bool | str = "auto",
                  fp16: bool = False, fallback: str = "sense", side_by_side: str | None = None,
                  side_by_side_series_index: int | None = None, sense_regulariser: str = "l2",
-                 max_rows_per_batch: int = DEFAULT_MAX_ROWS_PER_BATCH, max_slices_in_flight: int | None = None):
+                 max_rows_per_batch: int = DEFAULT_MAX_ROWS_PER_BATCH, max_slices_in_flight: int | None = None,
+                 slices_ahead: int = 1):
         self.context = context
+        if int(slices_ahead) < 1:
+            raise ValueError(f"slices_ahead must be at least 1, not {slices_ahead}")
+        self.slices_ahead = int(slices_ahead)
         # Embedded ACS lines are measured k-space of this very slice: data consistency should keep
         # them. Separate or interleaved references may differ (resolution, time), so by default
         # they only calibrate.
@@ -273,11 +299,78 @@ class PisfRecon:
                          max_rows_per_batch)
 
     def __call__(self, items):
+        if self.slices_ahead > 1:
+            yield from self._pipelined(items)
+            return
         for item in items:
             if isinstance(item, KSpaceSlice):
-                yield from self._reconstruct(item)
+                yield from self._complete(self._start(item, self.context.is_cancelled))
             else:
                 yield item
+
+    def _pipelined(self, items):
+        """Items in, outputs out in the same order, with up to `slices_ahead` slices of this stream
+        started (slot, preparation, network queue) by a helper thread while the slices before them
+        finish here: a stream's queued slices share network batches, and a slice's preparation
+        overlaps the network run of the one before. The helper runs the stages upstream too, and
+        takes the next item only while the server has a free slot or this stream has nothing in
+        flight: under load a stream holds no more slices than one at a time would. An error
+        upstream reaches the chain after the outputs of the items before it."""
+        ahead: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        room = threading.Condition()
+        in_flight = [0]            # slices of this stream started and not yet out
+
+        def cancelled() -> bool:
+            return stop.is_set() or self.context.is_cancelled()
+
+        def may_take_next() -> bool:
+            return in_flight[0] == 0 or (in_flight[0] < self.slices_ahead and ADMISSION.in_flight < ADMISSION.limit)
+
+        def produce():
+            try:
+                upstream = iter(items)
+                while True:
+                    with room:
+                        while not may_take_next():
+                            if stop.is_set():
+                                return
+                            room.wait(POLL_S)     # woken when a slice of ours is out; slots polled
+                    item = next(upstream, _END_OF_ITEMS)
+                    if item is _END_OF_ITEMS:
+                        ahead.put(("end", None))
+                        return
+                    if isinstance(item, KSpaceSlice):
+                        with room:
+                            in_flight[0] += 1
+                        ahead.put(("slice", self._start(item, cancelled)))
+                    else:
+                        ahead.put(("item", item))
+                    if stop.is_set():
+                        return
+            except BaseException as exc:   # delivered in order; the chain reports it
+                ahead.put(("error", exc))
+
+        helper = threading.Thread(target=produce, name=f"{threading.current_thread().name}-ahead", daemon=True)
+        helper.start()
+        try:
+            while True:
+                kind, value = ahead.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                if kind == "item":
+                    yield value
+                    continue
+                try:
+                    yield from self._complete(value)
+                finally:
+                    with room:
+                        in_flight[0] -= 1
+                        room.notify()
+        finally:
+            stop.set()   # the chain stopped early: the helper ends at its next step
 
     def _announce(self, text: str, key=None):
         """A TEXT for the client, once per stream and key (default: the text)."""
@@ -286,28 +379,58 @@ class PisfRecon:
             self.announced.add(key)
             yield Notice(text)
 
-    def _reconstruct(self, item: KSpaceSlice):
+    def _start(self, item: KSpaceSlice, cancelled) -> "_StartedSlice":
+        """A slice's first half, which may run ahead of the images before it: the guard, then a
+        slot among the server's slices in flight (waits while the server is at its bound), the
+        preparation, and the network queue. InputError for kz-undersampled 3D, StreamCancelled
+        when the client has gone."""
         self.context.check_cancelled(f"{item.key}")
-        started = time.perf_counter()
+        started = _StartedSlice(item, time.perf_counter(), partitions(item, self.acs_as_data))
+        data = started.planes[0]
+        started.reasons = guard_reasons(data, len(started.planes), self.reconstructor, self.trajectory)
+        if started.reasons:
+            return started
+        try:
+            slot = ADMISSION.acquire(cancelled)
+        except Cancelled as exc:
+            raise StreamCancelled(str(exc)) from None
+        try:
+            started.prepared_at = time.perf_counter()
+            calibration = started.calibration = prepared_calibration(item, self.recipe)
+            ready = {"maps": calibration.maps_pair} if calibration is not None else {}
+            started.prepared = self.reconstructor.prepare_slice(data.kspace, data.mask, data.reference_kspace,
+                                                                data.reference_lines, **ready)
+            self.context.check_cancelled("the network run of this slice")
+            started.future = self.scheduler.submit(started.prepared, started.prepared.rows,
+                                                   started.prepared.batch_key, cancelled, slot)
+        except ValueError as exc:     # the inference core refuses what it cannot reconstruct
+            slot.release()
+            started.reasons = [("refused", f"the PISF model refused the slice: {exc}")]
+        except BaseException:
+            slot.release()
+            raise
+        return started
+
+    def _complete(self, started: "_StartedSlice"):
+        """A slice's second half, in stream order: its network result (or the fallback) -> images."""
+        item = started.item
         if not self.ranges:
             yield from self._announce(
                 f"model {self.model_name} carries no trained ranges in its metadata (contract "
                 f"{self.reconstructor.contract}): acceleration and row length are not checked against "
                 "what it was trained for")
-        planes = partitions(item, self.acs_as_data)       # InputError for kz-undersampled 3D
-        data = planes[0]
-        reasons = guard_reasons(data, len(planes), self.reconstructor, self.trajectory)
+        data = started.planes[0]
         pisf = None
-        if not reasons:
+        if started.future is not None:
             try:
-                pisf = self._pisf(data, item)
-            except ValueError as exc:     # the inference core refuses what it cannot reconstruct
-                reasons = [("refused", f"the PISF model refused the slice: {exc}")]
-        if reasons:
-            yield from self._fall_back(item, planes, reasons, started)
+                pisf = self._pisf(data, started)
+            except ValueError as exc:
+                started.reasons = [("refused", f"the PISF model refused the slice: {exc}")]
+        if started.reasons:
+            yield from self._fall_back(item, started.planes, started.reasons, started.at)
             return
         magnitude, meta, maps = pisf
-        meta["PISF_ReconMs"] = f"{(time.perf_counter() - started) * 1e3:.1f}"
+        meta["PISF_ReconMs"] = f"{(time.perf_counter() - started.at) * 1e3:.1f}"
         side = None
         if self.side_by_side:
             side = reconstruct_classical(data, self.side_by_side, self.options,
@@ -320,18 +443,22 @@ class PisfRecon:
         if side is not None:
             yield self._classical_image(item, [side], series=self.side_series)
 
-    def _pisf(self, data: SliceData, item: KSpaceSlice):
+    def _pisf(self, data: SliceData, started: "_StartedSlice"):
         """(magnitude [ny, nx], meta, (compression, maps) or None) of the network on one slice,
         with the data-consistency residual of its image on the measured lines. The inference core
         calibrates and compresses once and hands back what the residual needs; contract 2's maps
-        also serve a side-by-side SENSE image."""
+        also serve a side-by-side SENSE image. PISF_InferenceMs: preparation to image, waits for
+        the network queue included."""
         _, lines, _ = data.reference_block()
         clock = time.perf_counter
-        t0 = clock()
-        result, batch_slices, calibration = self._infer(data, item)
+        try:
+            output, batch_slices = started.future.result()
+        except Cancelled as exc:
+            raise StreamCancelled(str(exc)) from None
+        result = self.reconstructor.finish_slice(started.prepared, output)
         t1 = clock()
         residual = result.data_consistency()
-        inference, signals = t1 - t0, clock() - t1
+        inference, signals = t1 - started.prepared_at, clock() - t1
         maps = (result.compression, result.maps) if result.maps is not None else None
         magnitude = result.magnitude
         ranges = ", ".join(f"{name} {lo:g}-{hi:g}" for name, (lo, hi) in self.ranges.items())
@@ -343,31 +470,9 @@ class PisfRecon:
                 "PISF_Guard": (f"pass (trained ranges: {ranges})" if ranges
                                else "pass (model metadata has no trained ranges: acceleration and row "
                                     "length unchecked)")}
-        if calibration is not None:
-            meta.update(calibration.meta(item.first_line_time))
+        if started.calibration is not None:
+            meta.update(started.calibration.meta(started.item.first_line_time))
         return magnitude, meta, maps
-
-    def _infer(self, data: SliceData, item: KSpaceSlice
-               ) -> tuple[SliceReconstruction, int, CalibrationUse | None]:
-        """The slice through the shared queue: (reconstruction, slices in its network batch, the
-        calibration reference_prep prepared, None where the core calibrated itself).
-        
-        Waits for a slot among the server's slices in flight, prepares the slice here, waits for
-        the batch it joins; StreamCancelled if the client goes meanwhile (ValueError where the
-        core refuses the slice)."""
-        cancelled = self.context.is_cancelled
-        try:
-            with ADMISSION.acquire(cancelled) as slot:
-                calibration = prepared_calibration(item, self.recipe)
-                ready = {"maps": calibration.maps_pair} if calibration is not None else {}
-                prepared = self.reconstructor.prepare_slice(data.kspace, data.mask, data.reference_kspace,
-                                                            data.reference_lines, **ready)
-                self.context.check_cancelled("the network run of this slice")
-                future = self.scheduler.submit(prepared, prepared.rows, prepared.batch_key, cancelled, slot)
-                output, batch_slices = future.result()
-        except Cancelled as exc:
-            raise StreamCancelled(str(exc)) from None
-        return self.reconstructor.finish_slice(prepared, output), batch_slices, calibration
 
     def _fall_back(self, item: KSpaceSlice, planes: list[SliceData], reasons: list[tuple[str, str]],
                    started: float):

@@ -128,11 +128,19 @@ class _ChainRunner(threading.Thread):
         self.images_sent = 0
         self.images_made = 0
         self.cancelled: str | None = None  # why the stream stopped early because its client has gone
+        self.ended = threading.Event()     # the chain has stopped consuming
         self.stages = spec.build(context)  # built in the reader thread: config errors surface at once
 
     def _incoming(self):
         while True:
-            entry = self.items.get()
+            try:
+                entry = self.items.get(timeout=WATCH_S)
+            except queue.Empty:
+                # a stage's helper thread (pisf_recon's slices_ahead) may still wait here after the
+                # chain stopped: let it end
+                if self.ended.is_set():
+                    raise _StreamAborted() from None
+                continue
             if self.context.cancelled.is_set():
                 raise StreamCancelled("the client has gone; its queued lines are dropped")
             if entry is _END:
@@ -171,6 +179,7 @@ class _ChainRunner(threading.Thread):
             log.exception("%s: chain %s failed", self.sender.name, self.spec.name)
             self.error = f"reconstruction failed in chain {self.spec.name!r}: {type(exc).__name__}: {exc}"
         finally:
+            self.ended.set()
             # Unblock the reader if it is waiting on a full queue.
             while True:
                 try:

@@ -14,8 +14,10 @@ Also: BART l1-ESPIRiT and SENSE-l2 (ecalib + pics, OMP_NUM_THREADS=1) on slices 
 replayed dataset, with the grappa and sense chains' cores timed on the very same slices
 (`--chains zerofill pisf grappa sense pisf_compare` replays those chains too); `--realtime`: lines paced by their time stamps, latency over the scan (flat or
 growing?) and the real-time factor; `--soak N`: N slices replayed back to back with the
-server RSS sampled after each replay. Writes bench.md, bench.json and bench.png (the plot
-needs matplotlib: `pip install -e .[bench]`; skipped with a message without it).
+server RSS sampled after each replay; `--connections N ...`: N clients replaying the simulated
+scan at once (peak server RSS, latency, and every image against one connection's). Writes
+bench.md, bench.json and bench.png (the plot needs matplotlib: `pip install -e .[bench]`;
+skipped with a message without it).
 """
 from __future__ import annotations
 
@@ -228,6 +230,11 @@ def summarise(rows: list[dict], wall_s: float, peak_rss: int) -> dict:
             "provider": ", ".join(providers) if providers else "n/a (no network)"}
 
 
+def _image_key(image) -> tuple:
+    return (int(image.slice), int(image.phase), int(image.repetition), int(image.contrast),
+            int(image.image_series_index))
+
+
 def scan_seconds(acquisitions: list) -> float:
     """Acquisition time of the stream from its time stamps (first to last line, plus one TR)."""
     stamps = np.array([a.acquisition_time_stamp for a in acquisitions], dtype=np.int64)
@@ -375,12 +382,34 @@ def markdown(report: dict) -> str:
         lines.append(f"| {row['dataset']} | {row['chain']} | {row['images']} | {_fmt(s['p50'])} / {_fmt(s['p95'])} "
                      f"| {_fmt(c['p50'])} / {_fmt(c['p95'])} | {_fmt(i['p50'])} | {_fmt(row['slices_per_s'], '.2f')} "
                      f"| {_fmt(row['peak_rss_mib'], '.0f')} | {row['provider']} |")
-    lines += _markdown_bart(report) + _markdown_realtime(report) + _markdown_soak(report)
+    lines += (_markdown_concurrent(report) + _markdown_bart(report) + _markdown_realtime(report)
+              + _markdown_soak(report))
     if report.get("plot"):
         lines += ["", f"![latency per slice]({Path(report['plot']).name})"]
     elif report.get("plot_skipped"):
         lines += ["", f"plot skipped: {report['plot_skipped']}"]
     return "\n".join(lines) + "\n"
+
+
+def _markdown_concurrent(report: dict) -> list[str]:
+    rows = report.get("concurrent") or []
+    if not rows:
+        return []
+    lines = ["", "## Concurrent connections replaying the simulated scan at once", "",
+             "Images equal: bit-identical to the same scan replayed through one connection alone.", "",
+             "| chain | connections | images (equal / expected) | server p50 / p95 ms | slices/s | peak RSS MiB "
+             "| slices per network batch |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        if row.get("failure"):
+            lines.append(f"| {row['chain']} | {row['connections']} | FAILED: {row['failure']} |||||")
+            continue
+        s = row["server_latency_ms"]
+        batches = ", ".join(f"{size}: {count}" for size, count in sorted(row["batch_slices"].items()))
+        lines.append(f"| {row['chain']} | {row['connections']} | {row['images_equal']} / {row['images_expected']} "
+                     f"| {_fmt(s['p50'])} / {_fmt(s['p95'])} | {_fmt(row['slices_per_s'], '.2f')} "
+                     f"| {_fmt(row['peak_rss_mib'], '.0f')} | {batches or '-'} |")
+    return lines
 
 
 def _markdown_bart(report: dict) -> list[str]:
@@ -497,7 +526,7 @@ def plot(report: dict, path: Path) -> str | None:
 def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None = None, slices: int = 10,
               matrix: int = 256, coils: int = 8, accel: int = 4, acs: int = 24, use_shared: bool = True,
               bart_slices: int = 3, realtime: bool = False, realtime_slices: int = 50, tr_ms: float = 8.0,
-              soak: int = 0, min_images: int = 10, soak_minutes: float = 0.0, log=print) -> dict:
+              soak: int = 0, min_images: int = 10, soak_minutes: float = 0.0, connections=(), log=print) -> dict:
     """Simulate (and take the shared real raw file), start a server, replay every dataset through
     every chain unpaced, optionally paced and as a soak, then time BART; write bench.json/.md/.png."""
     from gadgets.wire.client import read_raw
@@ -507,7 +536,8 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
     report: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "hardware": hardware(),
                     "settings": dict(chains=list(chains), model=model, slices=slices, matrix=matrix, coils=coils,
                                      accel=accel, acs=acs, realtime=realtime, realtime_slices=realtime_slices,
-                                     tr_ms=tr_ms, soak=soak, soak_minutes=soak_minutes),
+                                     tr_ms=tr_ms, soak=soak, soak_minutes=soak_minutes,
+                                     connections=list(connections)),
                     "runs": []}
     datasets, rt_path = _bench_data(out, raws, use_shared, slices, matrix, coils, accel, acs, realtime,
                                     realtime_slices, tr_ms, log)
@@ -521,6 +551,8 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
         for name, _ in datasets:
             for chain in chains:
                 report["runs"].append(live.unpaced(name, *loaded[name], chain, min_images))
+        report["concurrent"] = [live.concurrent(*loaded["simulated"], chain, n)
+                                for chain in chains for n in connections]
         if rt_path is not None:
             report["realtime"] = live.realtime(rt_path, chains, realtime_slices, tr_ms)
         if soak > 0 or soak_minutes > 0:
@@ -599,6 +631,45 @@ class LiveServer:
         self.log(f"{name} / {chain}: {entry['images']} images in {repeats} replay(s), server p50 {_fmt(s['p50'])} "
                  f"ms, p95 {_fmt(s['p95'])} ms, {_fmt(entry['slices_per_s'], '.2f')} slices/s, peak RSS "
                  f"{entry['peak_rss_mib']:.0f} MiB" + (f"; FAILED: {failure}" if failure else ""))
+        return entry
+
+    def concurrent(self, header: str, acquisitions: list, chain: str, connections: int) -> dict:
+        """`connections` clients replaying the scan at once: peak RSS, latency, slices per network
+        batch (PISF_BatchSlices), and every image compared with a replay through one connection."""
+        from gadgets.wire.client import replay
+
+        entry = {"chain": chain, "connections": connections}
+        alone = self.replay(header, acquisitions, chain)          # also the warm-up
+        if alone["failure"]:
+            entry["failure"] = alone["failure"]
+            return entry
+        reference = {_image_key(r.image): r.image.data for r in alone["result"].images}
+        results: list = [None] * connections
+
+        def one(k: int) -> None:
+            results[k] = replay(None, "127.0.0.1", self.port, chain, config_text=self.config_texts[chain],
+                                timeout_s=3600, header_text=header, acquisitions=acquisitions)
+        sampler = RssSampler(self.pid)
+        sampler.start()
+        started = time.monotonic()
+        clients = [threading.Thread(target=one, args=(k,)) for k in range(connections)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join()
+        wall, peak = time.monotonic() - started, sampler.stop()
+        received = [r.image for result in results for r in result.images]
+        failures = [e for result in results for e in result.errors + ([result.error] if result.error else [])]
+        equal = sum(np.array_equal(image.data, reference.get(_image_key(image))) for image in received)
+        sizes = [_meta_str(image, "PISF_BatchSlices") or "-" for image in received]
+        entry.update(summarise([row for result in results for row in image_rows(result)], wall, peak),
+                     images_expected=connections * len(reference), images_equal=int(equal),
+                     batch_slices={size: sizes.count(size) for size in set(sizes)})
+        if failures:
+            entry["failure"] = "; ".join(failures[:3])
+        self.log(f"{connections} connections / {chain}: {equal} of {entry['images_expected']} images equal to one "
+                 f"connection's, server p50 {_fmt(entry['server_latency_ms']['p50'])} ms, "
+                 f"{_fmt(entry['slices_per_s'], '.2f')} slices/s, peak RSS {entry['peak_rss_mib']:.0f} MiB")
         return entry
 
     def realtime(self, rt_path: Path, chains, realtime_slices: int, tr_ms: float) -> dict:
@@ -721,6 +792,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--soak", type=int, default=0, metavar="N", help="replay N slices back to back, RSS per replay")
     parser.add_argument("--soak-minutes", type=float, default=0.0, metavar="M",
                         help="soak each chain for M minutes instead of N slices (RSS, fds, threads per replay)")
+    parser.add_argument("--connections", type=int, nargs="+", default=[], metavar="N",
+                        help="also replay the simulated scan through N connections at once (peak RSS, latency, "
+                             "images against one connection's), for each N given")
     parser.add_argument("--min-images", type=int, default=10,
                         help="replay each dataset until at least this many images were measured")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
@@ -734,10 +808,11 @@ def run(args: argparse.Namespace) -> int:
                        matrix=args.matrix, coils=args.coils, accel=args.accel, acs=args.acs,
                        use_shared=not args.no_shared, bart_slices=args.bart_slices, realtime=args.realtime,
                        realtime_slices=args.realtime_slices, tr_ms=args.tr, soak=args.soak,
-                       min_images=args.min_images, soak_minutes=args.soak_minutes)
+                       min_images=args.min_images, soak_minutes=args.soak_minutes, connections=args.connections)
     print()
     print(markdown(report))
     failed = [r for r in report["runs"] if r.get("failure")]
     failed += [r for r in (report.get("realtime") or {}).get("chains", []) if r.get("failure")]
     failed += [r for r in (report.get("soak") or {}).get("chains", []) if r.get("failure")]
+    failed += [r for r in report.get("concurrent", []) if r.get("failure") or r["images_equal"] < r["images_expected"]]
     return 1 if failed else 0
