@@ -257,9 +257,9 @@ def test_pisf_evaluate_cli_quick(tmp_path):
     summary = json.loads((out / "results.json").read_text())
     assert [r["case"] for r in summary["rows"]] == list(eval_data.QUICK_CASES)
     for row in summary["rows"]:
-        assert set(row["metrics"]) == {"zero_filled", "pisf_sense", "zf_again"}
+        assert set(row["metrics"]) == {"zero_filled", "pisf_v3", "zf_again"}
         assert row["metrics"]["zf_again"]["psnr"] == pytest.approx(row["metrics"]["zero_filled"]["psnr"])
-    assert (out / "figure_brain16.png").is_file() and "pisf_sense PSNR / SSIM" in (out / "results.md").read_text()
+    assert (out / "figure_brain16.png").is_file() and "pisf_v3 PSNR / SSIM" in (out / "results.md").read_text()
 
 
 def test_pisf_evaluate_cli_four_channel_set_with_model_options(tmp_path):
