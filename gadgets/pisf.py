@@ -45,7 +45,7 @@ log = logging.getLogger("pisf.gadget")
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
-DEFAULT_MAX_ROWS_PER_BATCH = 1024    # four 256-row slices per network run
+DEFAULT_MAX_ROWS_PER_BATCH = 256     # on CPU only small slices gain from sharing a run (config/pisf.yaml)
 
 _END_OF_ITEMS = object()
 
