@@ -14,6 +14,7 @@ from gadgets.numerics.pisf_unrolled import UnrolledPisf, compress_rows, conjugat
 from gadgets.numerics.sense_rows import RowSense  # noqa: E402
 from models import pisf_v3  # noqa: E402
 from models.pisf_sense import DenseNormal, FftNormal, SenseNetConfig, build  # noqa: E402
+from tests.test_pisf_sense import _trained_looking  # noqa: E402  (the same random-but-nonzero weights)
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "training" / "pisf_sense_last.pt"
 
@@ -117,13 +118,7 @@ def test_runtime_refuses_incomplete_metadata():
 
 
 def _small_trained_looking_network():
-    model = build(SenseNetConfig(blocks=2, features=8, res_units=1))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv1d):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.1)
-    return model.eval()
+    return _trained_looking(build(SenseNetConfig(blocks=2, features=8, res_units=1)))
 
 
 def test_contract_3_slice_equals_contract_2_slice_and_wrong_banks_are_refused(tmp_path):
