@@ -67,6 +67,15 @@ class ArrayImage:
     position: tuple = (0.0, 0.0, 0.0)
 
 
+def unit_pixel_header(*, coils: int, nx: int, ny: int, oversampling: float, slice_mm: float,
+                      keys: list[tuple], system: str):
+    """`array_header` for formats that carry no geometry (BART, CMRxRecon): 1 mm pixels, the recon
+    matrix the readout without its oversampling, every ky line encoded, the centre at ny // 2."""
+    return array_header(coils=coils, nx=nx, ny=ny, recon=(int(round(nx / oversampling)), ny),
+                        fov_mm=(nx / oversampling, float(ny), slice_mm), oversampling=oversampling,
+                        ky_limits=(0, ny - 1, ny // 2), keys=keys, system=system)
+
+
 def array_header(*, coils: int, nx: int, ny: int, recon: tuple[int, int], fov_mm: tuple[float, float, float],
                  oversampling: float, ky_limits: tuple[int, int, int], keys: list[tuple], system: str,
                  field_t: float | None = None):

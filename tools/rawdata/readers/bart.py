@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.rawdata.source import ArrayImage, ConvertError, Source, array_header, array_lines, default_positions
+from tools.rawdata.source import ArrayImage, ConvertError, Source, array_lines, default_positions, unit_pixel_header
 
 COUNTERS = {5: 1, 10: 2, 13: 0, 14: 3}  # BART dimension -> index in (slice, contrast, phase, repetition, set)
 NAMES = {0: "READ", 1: "PHS1", 2: "PHS2", 3: "COIL", 4: "MAPS", 5: "TE", 10: "TIME", 13: "SLICE", 14: "AVG"}
@@ -81,9 +81,8 @@ def read_bart_source(path: Path, oversampling: float | None = None) -> Source:
     keys = [keys[i] for i in order]
     stats: dict = {}
     lines = array_lines(images, stats=stats)
-    header = array_header(coils=coils, nx=nx, ny=ny, recon=(int(round(nx / oversampling)), ny),
-                          fov_mm=(nx / oversampling, float(ny), SLICE_THICKNESS_MM), oversampling=oversampling,
-                          ky_limits=(0, ny - 1, ny // 2), keys=keys, system="BART")
+    header = unit_pixel_header(coils=coils, nx=nx, ny=ny, oversampling=oversampling, slice_mm=SLICE_THICKNESS_MM,
+                               keys=keys, system="BART")
     warnings = [f"BART files carry no geometry: axial directions, 1 mm pixels and {SLICE_THICKNESS_MM:g} mm slices "
                 f"written (readout = {NAMES[read_dim]}, phase encode = {NAMES[phase_dim]})"]
     source = Source("bart", f"BART k-space {stem.name} {dims[:16]}: readout {NAMES[read_dim]} ({nx}), phase encode "

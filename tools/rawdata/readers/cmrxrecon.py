@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.rawdata.source import (ArrayImage, ConvertError, Source, array_header, array_lines, default_positions,
-                           frame_key)
+from tools.rawdata.source import (ArrayImage, ConvertError, Source, array_lines, default_positions,
+                           frame_key, unit_pixel_header)
 
 KSPACE_NAMES = ("kspace_full", "kspace", "kus", "kspace_single_full")
 SLICE_THICKNESS_MM = 8.0
@@ -91,9 +91,8 @@ def read_cmrxrecon_source(path: Path, variable: str | None = None, frames: str |
     images = [ArrayImage(frame_key(s, t, frames), loader(s, t), positions[s]) for s in range(slices) for t in range(nframes)]
     stats: dict = {}
     lines = array_lines(images, frame_counter=frames, stats=stats)
-    header = array_header(coils=coils, nx=nx, ny=ny, recon=(int(round(nx / oversampling)), ny),
-                          fov_mm=(nx / oversampling, float(ny), SLICE_THICKNESS_MM), oversampling=oversampling,
-                          ky_limits=(0, ny - 1, ny // 2), keys=keys, system="CMRxRecon")
+    header = unit_pixel_header(coils=coils, nx=nx, ny=ny, oversampling=oversampling, slice_mm=SLICE_THICKNESS_MM,
+                               keys=keys, system="CMRxRecon")
     warnings = [f"CMRxRecon files carry no geometry: axial directions, 1 mm pixels, {SLICE_THICKNESS_MM:g} mm slices "
                 f"and a 1000 ms cardiac cycle written"]
     source = Source("cmrxrecon", f"CMRxRecon {Path(path).stem} `{name}`: {slices} slice(s) x {nframes} frame(s) "
