@@ -449,7 +449,7 @@ def test_distributed_chain_gateway_and_two_workers(server, scan_raw, tmp_path, p
     assert check_chain(ElementTree.fromstring(worker_chain), origin="worker") == []  # a worker accepts it
     header, acquisitions = read_raw(scan_raw)
     # image_finish fixes its scale on the first image it sees, and each worker sees one slice only:
-    # workers and the serial run get the same fixed factor (README: fix image_finish.scale on workers)
+    # workers and the serial run get the same fixed factor (docs/GADGETRON.md: fix image_finish.scale on workers)
     scale = embedded(server, scan_raw, CONFIG / "gadgetron_pisf_acquisitions.xml",
                      chain="zerofill")[0].meta["PISF_ScaleFactor"]
     serial = embedded(server, scan_raw, CONFIG / "gadgetron_pisf_acquisitions.xml", chain="zerofill",

@@ -1,6 +1,6 @@
 """The package layout holds together: every module a shipped Gadgetron XML chain executes imports
 and has its target, the runtime (`gadgets/`) never imports torch, `gadgets.numerics` imports
-nothing of the stream side, README's layout table names exactly the modules under gadgets/ and
+nothing of the stream side, the layout table in docs/ARCHITECTURE.md names exactly the modules under gadgets/ and
 tools/, and no module of gadgets/, tools/ or models/ takes part in an import circle."""
 from __future__ import annotations
 
@@ -60,9 +60,9 @@ def test_numerics_know_nothing_of_streams():
 
 
 def _layout_table_paths(top: str = "gadgets") -> set[str]:
-    """Paths named in README's layout table rows about `top`/: `gadgets/x/a.py`, `b.py` means
+    """Paths named in the layout table (docs/ARCHITECTURE.md) rows about `top`/: `gadgets/x/a.py`, `b.py` means
     gadgets/x/a.py and gadgets/x/b.py."""
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
     table = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
     paths = set()
     for line in table.splitlines():
@@ -77,12 +77,12 @@ def _layout_table_paths(top: str = "gadgets") -> set[str]:
 
 
 @pytest.mark.parametrize("top", ["gadgets", "tools"])
-def test_readme_layout_table_matches_the_tree(top):
+def test_layout_table_matches_the_tree(top):
     named = _layout_table_paths(top)
     on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / top).rglob("*.py") if p.name != "__init__.py"}
     on_disk |= {p.parent.relative_to(REPO).as_posix() + "/" for p in (REPO / top).rglob("__init__.py")}
-    assert not (named - on_disk), f"README names what is not there: {sorted(named - on_disk)}"
-    assert not (on_disk - named), f"README's layout table misses: {sorted(on_disk - named)}"
+    assert not (named - on_disk), f"docs/ARCHITECTURE.md names what is not there: {sorted(named - on_disk)}"
+    assert not (on_disk - named), f"docs/ARCHITECTURE.md's layout table misses: {sorted(on_disk - named)}"
 
 
 # ----------------------------------------------------------------------------- import graph

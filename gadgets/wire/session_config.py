@@ -11,7 +11,7 @@ Three client styles reach the same chains:
 - Siemens OpenRecon consoles: CONFIG_FILE `openrecon`, the header, then a TEXT with the JSON
   parameters the image's manifest declares (docker/openrecon/), every value sent as a string.
 
-JSON parameters -> chain (the documented mapping; README "JSON parameters"):
+JSON parameters -> chain (the documented mapping; docs/PROTOCOL.md "JSON parameters"):
 
 | key | becomes |
 |---|---|

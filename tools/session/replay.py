@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="send this file's text as CONFIG_TEXT (id 2) instead of --config (YAML or Gadgetron XML chain)")
     parser.add_argument("--parameters",
                         help="JSON config sent as TEXT after the header, FIRE style: "
-                             "'{\"parameters\": {\"image_finish.series_index\": 5}}' (README, JSON parameters)")
+                             "'{\"parameters\": {\"image_finish.series_index\": 5}}' (docs/PROTOCOL.md, JSON parameters)")
     parser.add_argument("-o", "--out", type=Path, help="write the received images to this ISMRMRD HDF5 file (appended)")
     parser.add_argument("-G", "--out-group", default=None,
                         help="image group in --out (default: pisf_<config>_<YYYYmmdd_HHMMSS>)")
