@@ -12,20 +12,26 @@ from .context import InputError, StreamContext
 from .items import Notice
 
 
+def whitening_matrix(noise: list[np.ndarray], min_noise_samples: int = 64) -> np.ndarray | None:
+    """L^-1 of the noise readouts' sample covariance L L^H ([coil, coil] complex64), or None when
+    they are too short or singular. The simulator's ground truth whitens with this same matrix."""
+    samples = np.concatenate(noise, axis=1).astype(np.complex128)
+    if samples.shape[1] < min_noise_samples:
+        return None
+    covariance = samples @ samples.conj().T / (samples.shape[1] - 1)
+    try:
+        return np.linalg.inv(np.linalg.cholesky(covariance)).astype(np.complex64)
+    except np.linalg.LinAlgError:
+        return None
+
+
 class NoisePrewhitening:
     def __init__(self, context: StreamContext, min_noise_samples: int = 64):
         self.context = context
         self.min_noise_samples = int(min_noise_samples)
 
     def _whitening(self, noise: list[np.ndarray]) -> np.ndarray | None:
-        samples = np.concatenate(noise, axis=1).astype(np.complex128)
-        if samples.shape[1] < self.min_noise_samples:
-            return None
-        covariance = samples @ samples.conj().T / (samples.shape[1] - 1)
-        try:
-            return np.linalg.inv(np.linalg.cholesky(covariance)).astype(np.complex64)
-        except np.linalg.LinAlgError:
-            return None
+        return whitening_matrix(noise, self.min_noise_samples)
 
     def __call__(self, items):
         noise_lines: list[np.ndarray] = []

@@ -10,7 +10,10 @@ Layout (what `pisf simulate` writes, `pisf replay`/`pisf demo` read; converters 
 write at least `rss`):
 
     rss       float32 [slice, phase, y, x]   root-sum-of-squares magnitude at the recon matrix
-                                             (y = phase encode = image rows, x = readout = columns)
+                                             (y = phase encode = image rows, x = readout = columns):
+                                             what an ideal recon of the scan gives; the simulator's
+                                             is the RSS of its noise-free coil images prewhitened
+                                             as the chains do (`whitening`, [coil, coil])
     combined  complex64 [slice, phase, y, x] optional: coil-combined complex image
     mask      uint8 [slice, phase, ky]       optional: 1 where a line was acquired
     ...       any other arrays and attributes (described in the group's `layout` attribute)
