@@ -146,6 +146,8 @@ class _Receiver(threading.Thread):
         super().__init__(name="replay-receiver", daemon=True)
         self.sock, self.result, self.sent_times, self.verbose = sock, result, sent_times, verbose
         self.bar = bar  # progress of images received (of expected)
+        self.expected = bar.total if bar is not None else 0  # images per series
+        self.series_seen: set[int] = set()
 
     def _print(self, text: str) -> None:
         if self.bar is not None:
@@ -165,8 +167,12 @@ class _Receiver(threading.Thread):
                     latency = now - sent if sent is not None else None
                     self.result.images.append(ReceivedImage(message, latency))
                     if self.bar is not None:
-                        if len(self.result.images) > self.bar.total:
-                            self.bar.total = len(self.result.images)  # more series than expected
+                        # A chain that sends several series (pisf_compare: PISF and GRAPPA) sends the
+                        # expected count per series: the total follows the series seen so far, so it
+                        # is right from the first image of each series on instead of growing with
+                        # every image past the first series' count.
+                        self.series_seen.add(message.image_series_index)
+                        self.bar.total = max(self.expected * len(self.series_seen), len(self.result.images))
                         self.bar.update()
                     if self.verbose:
                         shown = f"{latency * 1e3:7.1f} ms" if latency is not None else "      n/a"
