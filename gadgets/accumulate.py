@@ -9,6 +9,12 @@ complete (at the first line that is not one of them, or at one flagged ACQ_LAST_
 their calibration starts before the image lines; they stay in the slice's calibration buffer too.
 A slice is emitted at LAST_IN_SLICE, or as soon as every ky of the encoding limits is there;
 slices still open when the stream ends are flushed with a warning rather than lost.
+
+Placing lines on a Cartesian grid is only right for Cartesian data: the header's trajectory is
+checked when the chain is built and reversed (EPI) imaging lines are refused as they arrive
+(gadgets/input_checks.py). A slice whose samples are all zero is not reconstructed: it goes out
+as a zero image with a TEXT saying so (a network or a coil combination would make something of
+nothing, and image finishing must not take its scale from it).
 """
 from __future__ import annotations
 
@@ -18,8 +24,12 @@ import ismrmrd
 import numpy as np
 
 from .context import InputError, StreamContext
-from .items import KSpaceSlice, Notice, ReferenceData, SliceKey
+from .input_checks import PHASE_CORRECTION_NOTICE, header_refusal, reversed_line_refusal
+from .items import KSpaceSlice, Notice, ReconImage, ReferenceData, SliceKey
+from .numerics.sampling import is_empty
 from .slices import calibration_mode
+
+EMPTY_SLICE_RECON = "empty slice: every sample zero, not reconstructed"
 
 # Lines that are not k-space samples of the image (navigators, phase correction, ...).
 _SKIPPED_FLAGS = (ismrmrd.ACQ_IS_NOISE_MEASUREMENT, ismrmrd.ACQ_IS_NAVIGATION_DATA,
@@ -49,6 +59,9 @@ class _OpenSlice:
 
 class SliceAccumulator:
     def __init__(self, context: StreamContext):
+        refusal = header_refusal(context.header)
+        if refusal:
+            raise InputError(refusal)       # before any line: the client hears it after its header
         self.context = context
         enc = context.encoding
         self.encoding = enc
@@ -79,12 +92,18 @@ class SliceAccumulator:
     def __call__(self, items):
         # read when the stream starts: the reference_prep stage is built after this one
         references = self.separate and getattr(self.context, "reference_preparation", None) is not None
+        phase_correction_told = False
         for item in items:
             if not isinstance(item, ismrmrd.Acquisition):
                 yield item
                 continue
             if any(item.is_flag_set(flag) for flag in _SKIPPED_FLAGS):
+                if item.is_flag_set(ismrmrd.ACQ_IS_PHASECORR_DATA) and not phase_correction_told:
+                    phase_correction_told = True
+                    yield Notice(PHASE_CORRECTION_NOTICE)
                 continue
+            if item.is_flag_set(ismrmrd.ACQ_IS_REVERSE):
+                raise InputError(reversed_line_refusal(item))
             reference_line = references and item.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
             key = SliceKey.of(item.idx)
             if self.pending_reference is not None and not (reference_line and key == self.pending_reference):
@@ -96,7 +115,7 @@ class SliceAccumulator:
                     yield from self._reference_data()
             if finished is not None:
                 self.context.check_cancelled(f"{finished.key}")   # a client that has gone gets no more slices
-                yield self._emit(finished, complete=True, arrival=self.context.last_arrival)
+                yield from self._slice_out(finished, complete=True, arrival=self.context.last_arrival)
         yield from self._reference_data()
         for key in sorted(self.open):
             self.context.check_cancelled(f"{key}")
@@ -107,7 +126,7 @@ class SliceAccumulator:
             lines = int(open_slice.sampled.sum())
             yield Notice(f"{key}: the stream ended before its last line ({lines} lines received); "
                          f"reconstructed what arrived")
-            yield self._emit(open_slice, complete=False, arrival=None)
+            yield from self._slice_out(open_slice, complete=False, arrival=None)
         self.open.clear()
 
     def _reference_data(self):
@@ -153,6 +172,20 @@ class SliceAccumulator:
     def _fully_sampled(self, open_slice: _OpenSlice) -> bool:
         lo, hi = self.encoding.ky_row(self.ky_min), self.encoding.ky_row(self.ky_max)
         return bool(open_slice.sampled[:, lo:hi + 1].all())
+
+    def _slice_out(self, open_slice: _OpenSlice, complete: bool, arrival: float | None):
+        """The slice for the recon stage, or, when every sample is zero, a TEXT and a zero image."""
+        item = self._emit(open_slice, complete, arrival)
+        if not is_empty(item.kspace):
+            yield item
+            return
+        lines = int(item.sampled.sum())
+        yield Notice(f"{item.key}: all {lines} lines hold only zeros (an empty slice): a zero image is sent "
+                     f"in its place, nothing is reconstructed")
+        rx = self.context.readout_samples
+        yield ReconImage(key=item.key, data=np.zeros((self.nz, self.ny, rx), dtype=np.float32),
+                         line_header=item.line_header, recon=EMPTY_SLICE_RECON,
+                         meta={"PISF_Empty": "true"}, complete=item.complete, last_line_time=item.last_line_time)
 
     @staticmethod
     def _emit(open_slice: _OpenSlice, complete: bool, arrival: float | None) -> KSpaceSlice:

@@ -7,7 +7,7 @@ import ismrmrd
 import numpy as np
 
 from .context import StreamContext
-from .items import ReconImage
+from .items import Notice, ReconImage
 
 _DTYPES = {"ushort": np.uint16, "short": np.int16, "float": np.float32}
 _MAX_VALUE = {"ushort": 4095.0, "short": 4095.0}  # 12-bit range, as consoles expect
@@ -28,9 +28,12 @@ def centre_crop(data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 class ImageFinish:
     """Turns ReconImages into ismrmrd.Images.
 
-    Scaling: one factor per series, fixed on the first image (its 99.5th percentile maps to
-    `target_percentile_value`), so intensities compare across slices and phases. `scale` fixes
-    it instead. The factor is written to the meta (PISF_ScaleFactor) so values can be undone.
+    Scaling: one factor per series, so intensities compare across slices and phases: the first
+    image with signal fixes it (its 99.5th percentile maps to `target_percentile_value`). No single
+    image can spoil the series: an empty (all-zero) image never sets it, and a later image whose
+    99.5th percentile would clip at the integer maximum lowers it to fit (a TEXT says so; images
+    already sent keep theirs). `scale` fixes it instead. Every image's meta carries the factor it
+    was scaled with (PISF_ScaleFactor), so values can always be undone.
     Images whose meta names a series (SERIES_META) go to that series, with its own factor and
     image index; the others to `series_index`.
     """
@@ -58,11 +61,34 @@ class ImageFinish:
     def __call__(self, items):
         for item in items:
             if isinstance(item, ReconImage):
-                yield self._finish(item)
+                yield from self._finish(item)
             else:
                 yield item
 
-    def _finish(self, recon: ReconImage) -> ismrmrd.Image:
+    def _series_scale(self, series: int, magnitude: np.ndarray) -> tuple[float, Notice | None]:
+        """The factor of this image of `series` and, when the series factor had to be lowered, the TEXT."""
+        if self.scale is not None:
+            return self.scale, None
+        scale = self.scales.get(series)
+        level = float(np.percentile(magnitude, 99.5)) if magnitude.size else 0.0
+        if level <= 0:
+            level = float(magnitude.max()) if magnitude.size else 0.0   # sparse images: their brightest pixel
+        if level <= 0:
+            return (scale if scale is not None else 1.0), None            # empty: sets nothing
+        if scale is None:
+            self.scales[series] = self.target / level
+            return self.scales[series], None
+        ceiling = _MAX_VALUE.get(self.data_type)
+        if ceiling is None or level * scale <= ceiling:
+            return scale, None
+        # an earlier image was much darker (near-empty, noise only): it must not clip this one and the rest
+        lowered = self.scales[series] = self.target / level
+        return lowered, Notice(f"series {series}: image {self.image_indices.get(series, 0) + 1} is {level * scale / self.target:.1f}x "
+                               f"brighter than the series scale allowed (it would clip at {ceiling:.0f}): scale factor "
+                               f"{scale:.6g} -> {lowered:.6g} from this image on (PISF_ScaleFactor in each image's meta)")
+
+    def _finish(self, recon: ReconImage):
+        """The ismrmrd.Image of a ReconImage (after a Notice when the series scale changed)."""
         enc = self.context.encoding
         rx, ry, rz = enc.recon_matrix
         magnitude = np.abs(recon.data).astype(np.float32)
@@ -71,10 +97,9 @@ class ImageFinish:
         else:
             magnitude = centre_crop(magnitude, (ry, rx))
         series = int(recon.meta.get(SERIES_META, self.series_index))
-        scale = self.scale if self.scale is not None else self.scales.get(series)
-        if scale is None:
-            reference_level = float(np.percentile(magnitude, 99.5))
-            scale = self.scales[series] = self.target / reference_level if reference_level > 0 else 1.0
+        scale, notice = self._series_scale(series, magnitude)
+        if notice is not None:
+            yield notice
         scaled = magnitude * scale
         if self.data_type in _MAX_VALUE:
             scaled = np.clip(np.rint(scaled), 0, _MAX_VALUE[self.data_type])
@@ -110,7 +135,7 @@ class ImageFinish:
         if self.fire:
             self._fire_meta(meta, head, comment)
         image.attribute_string = meta.serialize()
-        return image
+        yield image
 
     def _fire_meta(self, meta, head: ismrmrd.ImageHeader, comment: str) -> None:
         """Attributes a FIRE console reads: role, history, window (already set), the text appended

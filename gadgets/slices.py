@@ -19,6 +19,7 @@ from .context import InputError, StreamContext
 from .items import KSpaceSlice
 from .numerics.fft import ifftc
 from .numerics.reference import reference_block
+from .numerics.sampling import sampling_of
 
 
 def calibration_mode(header) -> str | None:
@@ -91,6 +92,14 @@ def slice_data(item: KSpaceSlice, acs_as_data: bool, partition: int = 0) -> Slic
 def partitions(item: KSpaceSlice, acs_as_data: bool) -> list[SliceData]:
     """The 2D problems of a slice: itself (2D), or, for a 3D scan undersampled along ky only (the
     same ky lines in every partition), its partitions after the inverse FFT along kz."""
+    sampling = sampling_of(item.kspace)
+    if sampling.holes_in_lines:
+        # SENSE, GRAPPA and PISF here solve one problem per readout row after the FFT along kx,
+        # which is exact only when whole lines are measured
+        raise InputError(f"{item.key}: {sampling.describe()}. The reconstructions of this chain unalias along ky "
+                         f"only (one 1D problem per readout row) and cannot fill holes inside lines; refused. "
+                         f"The zerofill chain gives the zero-filled image; a 2D compressed-sensing "
+                         f"reconstruction (e.g. BART pics) is what such data need")
     nz = item.kspace.shape[1]
     if nz == 1:
         return [slice_data(item, acs_as_data)]

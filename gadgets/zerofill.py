@@ -6,7 +6,8 @@ import numpy as np
 from .context import StreamContext
 from .numerics.coils import root_sum_of_squares
 from .numerics.fft import ifftc
-from .items import KSpaceSlice, ReconImage
+from .items import KSpaceSlice, Notice, ReconImage
+from .numerics.sampling import sampling_of
 
 
 def zero_filled_image(kspace: np.ndarray) -> np.ndarray:
@@ -20,10 +21,17 @@ class ZeroFilledRecon:
         self.context = context
 
     def __call__(self, items):
+        told = False
         for item in items:
             if not isinstance(item, KSpaceSlice):
                 yield item
                 continue
+            sampling = sampling_of(item.kspace)
+            meta = {"PISF_SampleAcceleration": f"{sampling.sample_acceleration:.2f}"} if sampling.holes_in_lines else {}
+            if sampling.holes_in_lines and not told:
+                told = True   # a zero-filled image is defined for any sampling: said once, images follow
+                yield Notice(f"{item.key}: {sampling.describe()}; this chain sends the zero-filled image (no "
+                             f"unaliasing: expect blur and noise-like artefacts)")
             yield ReconImage(key=item.key, data=zero_filled_image(item.kspace), line_header=item.line_header,
                              recon="zero-filled FFT, RSS coil combination", complete=item.complete,
-                             last_line_time=item.last_line_time)
+                             last_line_time=item.last_line_time, meta=meta)
