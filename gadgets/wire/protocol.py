@@ -122,6 +122,10 @@ class MessageReader:
     def __init__(self, read_exactly: Callable[[int], bytes], limits: Limits = Limits()):
         self._read = read_exactly
         self.limits = limits
+        # payload_check(head): called with an acquisition's or waveform's fixed header before its
+        # payload is read, so a size the scan's header does not allow is refused unallocated
+        # (the server sets it once the ISMRMRD header is known: validate.AcquisitionValidator)
+        self.payload_check: Callable[[object], None] | None = None
 
     def _bytes(self, n: int) -> bytes:
         data = self._read(n)
@@ -192,6 +196,8 @@ class MessageReader:
         traj_bytes = samples * traj_dims * 4
         data_bytes = samples * channels * 8
         self._check_payload(f"acquisition {head.scan_counter}", traj_bytes + data_bytes)
+        if self.payload_check is not None:
+            self.payload_check(head)
         trajectory = np.frombuffer(self._bytes(traj_bytes), dtype=np.float32)
         data = np.frombuffer(self._bytes(data_bytes), dtype=np.complex64)
         acquisition = ismrmrd.Acquisition(head_bytes)
@@ -225,6 +231,8 @@ class MessageReader:
         head = ismrmrd.WaveformHeader.from_buffer_copy(head_bytes)
         nbytes = int(head.channels) * int(head.number_of_samples) * 4
         self._check_payload("waveform", nbytes)
+        if self.payload_check is not None:
+            self.payload_check(head)
         data = self._bytes(nbytes)
         return ismrmrd.Waveform.deserialize_from(_Replay(head_bytes + data).read)
 

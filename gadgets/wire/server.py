@@ -1,8 +1,11 @@
 """The embedded inline recon server: ISMRMRD streaming protocol over TCP, one chain per connection.
 
-Each connection gets a reader (this thread) and a chain thread joined by a bounded queue, so
-lines keep arriving while earlier slices reconstruct and a slow chain pushes back on the
-client through TCP instead of growing memory. Every failure ends with a TEXT naming the
+Each connection gets a reader (this thread) and a chain thread joined by a queue bounded in
+items and in bytes (per connection and over the server: gadgets/wire/budget.py), so lines keep
+arriving while earlier slices reconstruct and a slow chain pushes back on the client through
+TCP instead of growing memory. Every acquisition's declared sizes are checked against the
+scan's header before its payload is read (gadgets/wire/validate.py); when a connection ends,
+freed memory is handed back to the system (gadgets/wire/memory.py). Every failure ends with a TEXT naming the
 problem, then CLOSE; slices already complete are reconstructed and sent before that.
 
 A client that has gone (a reset seen by a read, a send that fails, or, once its data are all
@@ -33,9 +36,10 @@ from .. import inference_pool
 from ..chain import ChainRepository, ChainSpec, ConfigError, is_valid_name, run_stages
 from ..context import InputError, StreamCancelled, StreamContext, parse_header
 from ..items import Notice
-from . import protocol
+from . import memory, protocol
+from .budget import DEFAULT_CONNECTION_BYTES, DEFAULT_SERVER_BYTES, MIB, ByteBudget, ConnectionBudget, item_bytes
 from .query import QueryAnswers
-from .session_config import (OPENRECON_NAME, apply_parameters, looks_like_json, parse_client_json,
+from .session_config import (DEFAULT_NAME, OPENRECON_NAME, apply_parameters, looks_like_json, parse_client_json,
                              select_chain)
 from .tls import TlsSocket
 from .validate import AcquisitionValidator, header_warnings
@@ -46,6 +50,7 @@ _ABORT = object()  # the client is gone: open slices are dropped, not flushed
 _NOTHING = object()  # the client ended (between frames) before sending data
 _TCP_CLOSE = 7       # tcpi_state of a connection the peer reset (Linux include/net/tcp_states.h)
 WATCH_S = 0.1        # how often a connection whose input is all read is checked for a reset
+DEFAULT_MALLOC_ARENAS = 0  # `pisf serve --malloc-arenas`; see gadgets/wire/memory.py and README
 
 
 _connection_ids = itertools.count(1)
@@ -120,10 +125,13 @@ class _Sender:
 class _ChainRunner(threading.Thread):
     """Runs one chain over the items the reader queues; sends images and notices as they come."""
 
-    def __init__(self, spec: ChainSpec, context: StreamContext, sender: _Sender, queue_size: int):
+    def __init__(self, spec: ChainSpec, context: StreamContext, sender: _Sender, queue_size: int,
+                 budget: ConnectionBudget):
         super().__init__(name=f"{sender.name}-chain", daemon=True)
         self.spec, self.context, self.sender = spec, context, sender
+        # entries (item, arrival, bytes charged to `budget`); bounded in items and, by the budget, in bytes
         self.items: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.budget = budget
         self.error: str | None = None
         self.images_sent = 0
         self.images_made = 0
@@ -147,7 +155,8 @@ class _ChainRunner(threading.Thread):
                 return
             if entry is _ABORT:
                 raise _StreamAborted()
-            item, arrival = entry
+            item, arrival, nbytes = entry
+            self.budget.release(nbytes)  # the chain holds it now: the reader may read on
             self.context.last_arrival = arrival
             yield item
 
@@ -180,23 +189,34 @@ class _ChainRunner(threading.Thread):
             self.error = f"reconstruction failed in chain {self.spec.name!r}: {type(exc).__name__}: {exc}"
         finally:
             self.ended.set()
-            # Unblock the reader if it is waiting on a full queue.
+            # Unblock the reader if it is waiting on a full queue, and give the bytes back.
             while True:
                 try:
-                    self.items.get_nowait()
+                    entry = self.items.get_nowait()
                 except queue.Empty:
                     break
+                if isinstance(entry, tuple):
+                    self.budget.release(entry[2])
 
     def put(self, item, arrival: float) -> bool:
-        """Queue an item; False once the chain has stopped (error) or the client is gone, so the
-        reader can stop."""
+        """Queue an item, waiting while the queue is full or over its byte budget (the reader
+        reads nothing meanwhile: TCP push-back); False once the chain has stopped (error) or the
+        client is gone, so the reader can stop."""
+        nbytes = item_bytes(item)
+
+        def give_up() -> bool:  # pushed back, the reader reads nothing: ask the connection
+            return not self.is_alive() or self.sender.check_peer()
+
+        if not self.budget.acquire(nbytes, give_up):
+            return False
         while self.is_alive():
             try:
-                self.items.put((item, arrival), timeout=0.5)
+                self.items.put((item, arrival, nbytes), timeout=0.5)
                 return True
             except queue.Full:
-                if self.sender.check_peer():  # pushed back, the reader reads nothing: ask the connection
-                    return False
+                if self.sender.check_peer():
+                    break
+        self.budget.release(nbytes)
         return False
 
     def finish(self, abort: bool = False) -> None:
@@ -274,21 +294,26 @@ class ReconServer:
                  limits: protocol.Limits = protocol.Limits(), max_connections: int = 16,
                  io_timeout_s: float = 300.0, queue_size: int = 2048,
                  ssl_context: ssl.SSLContext | None = None, default_chain: str = "pisf",
-                 max_slices_in_flight: int | None = None):
+                 max_slices_in_flight: int | None = None, connection_budget_bytes: int = DEFAULT_CONNECTION_BYTES,
+                 server_budget_bytes: int = DEFAULT_SERVER_BYTES):
         """max_slices_in_flight: the process-wide bound on slices in the models at once
-        (gadgets/inference_pool.ADMISSION; None keeps what the chains declared at warm-up)."""
+        (gadgets/inference_pool.ADMISSION; None keeps what the chains declared at warm-up).
+        connection_budget_bytes, server_budget_bytes: received lines waiting for their chains, per
+        connection and over all (gadgets/wire/budget.py); a reader over budget stops reading."""
         limit_blas_threads()
         if max_slices_in_flight is not None:
             inference_pool.ADMISSION.set_limit(max_slices_in_flight)
         self.counters = ServerCounters()
         self.repository = repository or ChainRepository.shared()
         # Names that clients send for "the default reconstruction": an OpenRecon console sends
-        # `openrecon` (and its JSON may name a chain of ours in parameters.config).
-        self.aliases = {OPENRECON_NAME: default_chain}
+        # `openrecon` (and its JSON may name a chain of ours in parameters.config); `pisf replay`
+        # without -c sends `default`.
+        self.aliases = {OPENRECON_NAME: default_chain, DEFAULT_NAME: default_chain}
         self.queries = QueryAnswers(self.repository, self.aliases)
         self.limits = limits
         self.io_timeout_s = io_timeout_s
         self.queue_size = queue_size
+        self.budget = ByteBudget(server_budget_bytes, connection_budget_bytes)
         self.slots = threading.BoundedSemaphore(max_connections)
         self.ssl_context = ssl_context  # None: plain TCP (the default); else every connection is TLS
         # refusals ("server busy") run in short threads of their own, at most this many at once
@@ -397,6 +422,7 @@ class ReconServer:
                 self.slots.release()
                 self.sessions.discard(threading.current_thread())
                 log.info("%s: closed", name)
+                memory.hand_back()
 
     def _converse(self, sock: socket.socket, sender: _Sender) -> None:
         """One client's conversation: the opening (config, header, the client's JSON), the scan,
@@ -414,7 +440,7 @@ class ReconServer:
         scan = _Scan()
         error: str | None = None
         try:
-            opening = self._open(read, sender)
+            opening = self._open(read, sender, reader)
             if opening is None:
                 return  # the client closed before any data, and was answered
             self._stream(read, sender, opening, scan)
@@ -440,9 +466,10 @@ class ReconServer:
             self.counters.add(scans=1, images_made=runner.images_made, images_sent=runner.images_sent,
                               scans_cancelled=int(runner.cancelled is not None))
 
-    def _open(self, read, sender: _Sender) -> _Opening | None:
+    def _open(self, read, sender: _Sender, reader: protocol.MessageReader) -> _Opening | None:
         """Config, header and an optional client JSON -> the session's chain and context; None
-        when the client closed first (CLOSE already answered)."""
+        when the client closed first (CLOSE already answered). From the header on, `reader` checks
+        every acquisition's declared sizes against it before reading the payload."""
         config = read()
         if isinstance(config, protocol.Close):
             sender.close()  # nothing but queries (gadgetron_ismrmrd_client -Q), or nothing at all
@@ -466,6 +493,7 @@ class ReconServer:
         context = StreamContext(header=header, log=logging.getLogger(f"pisf.{sender.name}"),
                                 cancelled=sender.gone, peer_gone=sender.check_peer)
         validator = AcquisitionValidator.for_header(header)
+        reader.payload_check = validator.check_payload
         # FIRE/OpenRecon: a TEXT right after the header is the client's JSON config; it may
         # name the chain (parameters.config / customconfig) and sets stage parameters.
         try:
@@ -514,7 +542,8 @@ class ReconServer:
                 raise InputError(f"unexpected {type(message).__name__} message during the scan")
             opening.validator.check(message)
             if scan.runner is None:
-                scan.runner = _ChainRunner(opening.spec, opening.context, sender, self.queue_size)
+                scan.runner = _ChainRunner(opening.spec, opening.context, sender, self.queue_size,
+                                           self.budget.connection())
                 scan.runner.start()
             if not scan.runner.put(message, time.monotonic()):
                 break  # the chain stopped with an error; it is reported by _end
@@ -529,6 +558,7 @@ class ReconServer:
             # client can still receive them; for a client that is gone (or that stopped sending
             # mid-frame or without CLOSE) they are dropped instead of computed for nobody.
             runner.finish(abort=scan.abort or sender.peer_gone)
+            runner.budget.close()  # the chain has ended: nothing it left queued is held any more
             error = error or runner.error
             if runner.error and runner.error != error:
                 log.error("%s: %s", sender.name, runner.error)
@@ -585,7 +615,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory of chain configs (default: the package's config/, or $PISF_CONFIG_DIR)")
     parser.add_argument("--default-chain", default=None,
                         help="chain run for clients that ask for the default reconstruction (OpenRecon's "
-                             "'openrecon'); default: pisf, or the first chain where there is no pisf")
+                             "'openrecon', `pisf replay` without -c: 'default'); default: pisf, or the first chain where there is no pisf")
     parser.add_argument("--max-connections", type=int, default=16, help="scans served at once; more are told 'server busy'")
     parser.add_argument("--io-timeout", type=float, default=300.0, help="seconds a client may stay silent")
     parser.add_argument("--max-slices-in-flight", type=int, default=None,
@@ -593,6 +623,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "clients are pushed back); default: the chains' max_slices_in_flight "
                              f"(config/pisf.yaml), else {inference_pool.DEFAULT_MAX_SLICES_IN_FLIGHT}")
     parser.add_argument("--max-message-mb", type=float, default=256.0, help="largest frame accepted, MiB")
+    parser.add_argument("--connection-budget-mib", type=float, default=DEFAULT_CONNECTION_BYTES / MIB,
+                        help="received lines one connection may have waiting for its chain, MiB; over it the "
+                             "server stops reading that socket (TCP push-back) (default: %(default).0f)")
+    parser.add_argument("--server-budget-mib", type=float, default=DEFAULT_SERVER_BYTES / MIB,
+                        help="the same over all connections together, MiB (default: %(default).0f)")
+    parser.add_argument("--malloc-arenas", type=int, default=DEFAULT_MALLOC_ARENAS,
+                        help="glibc malloc arenas the server's threads share (fewer keep less freed memory "
+                             "after load; 0: glibc's default of 8 per core) (default: %(default)s)")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): serve over TLS (default: plain TCP)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert (default: in the cert file)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -628,6 +666,12 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--port {args.port} is not a TCP port (0..65535)")
     if args.max_slices_in_flight is not None and args.max_slices_in_flight < 1:
         return _fail(f"--max-slices-in-flight {args.max_slices_in_flight}: at least 1")
+    if args.connection_budget_mib <= 0 or args.server_budget_mib <= 0:
+        return _fail(f"--connection-budget-mib {args.connection_budget_mib:g} and --server-budget-mib "
+                     f"{args.server_budget_mib:g} must be positive")
+    if args.malloc_arenas < 0:
+        return _fail(f"--malloc-arenas {args.malloc_arenas}: 0 (glibc's default) or more")
+    memory.limit_arenas(args.malloc_arenas)  # before any connection thread allocates
     limits = protocol.Limits(max_message_bytes=int(args.max_message_mb * 1024 * 1024))
     if args.tls_key and not args.tls_cert:
         return _fail("--tls-key needs --tls-cert")
@@ -637,7 +681,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"cannot load the TLS certificate/key ({args.tls_cert}, {args.tls_key or 'key in cert'}): {exc}")
     try:
         server = ReconServer(args.host, args.port, repository, limits, args.max_connections, args.io_timeout,
-                             ssl_context=ssl_context, default_chain=args.default_chain)
+                             ssl_context=ssl_context, default_chain=args.default_chain,
+                             connection_budget_bytes=int(args.connection_budget_mib * MIB),
+                             server_budget_bytes=int(args.server_budget_mib * MIB))
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             return _fail(f"port {args.port} on {args.host} is already in use (another `pisf serve` or Gadgetron?); "
@@ -660,7 +706,8 @@ def run(args: argparse.Namespace) -> int:
     server.warm_up()
     if args.max_slices_in_flight is not None:  # after the chains declared theirs: the option wins
         inference_pool.ADMISSION.set_limit(args.max_slices_in_flight)
-    log.info("at most %d slices in the PISF models at once", inference_pool.ADMISSION.limit)
+    log.info("at most %d slices in the PISF models at once; lines waiting for chains: %.0f MiB per connection, "
+             "%.0f MiB in all", inference_pool.ADMISSION.limit, args.connection_budget_mib, args.server_budget_mib)
     server.serve_forever()
     server.shutdown()
     return 0

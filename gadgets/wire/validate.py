@@ -35,50 +35,113 @@ import numpy as np
 from ..context import Encoding, InputError
 
 
+# Sizes a frame may declare, beyond what the scan's header says exactly:
+TRAJECTORY_DIMENSIONS_MAX = 4        # kx, ky, kz and a density weight (non-Cartesian headers only)
+NOISE_SAMPLES_MARGIN = 2             # noise lines may be longer than the imaging readout, at most this
+                                     # times the longest readout the header allows (oversampled)
+WAVEFORM_BYTES_MAX = 16 * 1024 * 1024  # physiology (ECG, PMU): kilobytes in practice; the chains drop it
+_NOISE_BIT = 1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2 ** 20:.1f} MiB"
+
+
 class AcquisitionValidator:
-    def __init__(self, encoding: Encoding, slice_limit: int | None = None):
+    """Checks each acquisition against the scan's header.
+
+    `check_header` needs only the 340-byte acquisition header, so the server's frame reader calls
+    it (as `check_payload`) before the samples and trajectory are read: a size the header does
+    not allow is refused before it is allocated. `check` adds what needs the samples.
+    """
+
+    def __init__(self, encoding: Encoding, slice_limit: int | None = None, trajectory: str | None = None):
         self.encoding = encoding
         self.slice_limit = slice_limit
         self.channels = encoding.receiver_channels
+        self.trajectory = trajectory  # the header's encoding trajectory ('cartesian', 'radial', ...), None unknown
+        readout = max(encoding.encoded_matrix[0], 2 * encoding.recon_matrix[0])  # oversampled readout
+        self.noise_samples_max = NOISE_SAMPLES_MARGIN * readout
 
     @staticmethod
     def for_header(header) -> "AcquisitionValidator":
         encoding = Encoding.from_header(header)
         limits = header.encoding[0].encodingLimits
         slice_limit = int(limits.slice.maximum) if limits is not None and limits.slice is not None else None
-        return AcquisitionValidator(encoding, slice_limit)
+        trajectory = header.encoding[0].trajectory
+        trajectory = str(getattr(trajectory, "value", trajectory)).lower() if trajectory is not None else None
+        return AcquisitionValidator(encoding, slice_limit, trajectory)
+
+    def check_payload(self, head) -> None:
+        """The frame reader's hook: an AcquisitionHeader or WaveformHeader before its payload."""
+        if isinstance(head, ismrmrd.WaveformHeader):
+            nbytes = int(head.channels) * int(head.number_of_samples) * 4
+            if nbytes > WAVEFORM_BYTES_MAX:
+                raise InputError(f"a waveform (id {head.waveform_id}) declares {head.channels} channels x "
+                                 f"{head.number_of_samples} samples ({_mib(nbytes)}), more than the "
+                                 f"{_mib(WAVEFORM_BYTES_MAX)} allowed for physiology data; refused before reading it")
+            return
+        self.check_header(head)
 
     def check(self, acquisition: ismrmrd.Acquisition) -> None:
-        number = acquisition.scan_counter
-        channels = acquisition.active_channels
+        self.check_header(acquisition)
+        if not np.isfinite(acquisition.data).all():
+            raise InputError(f"acquisition {acquisition.scan_counter} contains NaN or infinite samples")
+
+    def check_header(self, head) -> None:
+        """Sizes and counters of one line (an AcquisitionHeader, or an Acquisition) against the header."""
+        number = head.scan_counter
+        channels = head.active_channels
         if self.channels is None:
             self.channels = channels  # no receiverChannels in the header: the first line sets it
         if channels != self.channels:
             raise InputError(f"acquisition {number} has {channels} channels; the header and earlier lines "
                              f"say {self.channels}")
-        if not np.isfinite(acquisition.data).all():
-            raise InputError(f"acquisition {number} contains NaN or infinite samples")
-        if acquisition.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+        self._check_trajectory(head)
+        samples, readout = head.number_of_samples, self.encoding.encoded_matrix[0]
+        if head.flags & _NOISE_BIT:
+            if samples > self.noise_samples_max:
+                raise InputError(f"noise acquisition {number} has {samples} samples, more than "
+                                 f"{self.noise_samples_max} ({NOISE_SAMPLES_MARGIN} x the header's oversampled "
+                                 f"readout); refused before reading them")
             return
-        samples, readout = acquisition.number_of_samples, self.encoding.encoded_matrix[0]
         if samples > readout:
             raise InputError(f"acquisition {number} has {samples} samples; the header's encoded readout "
                              f"matrix is {readout}")
-        if acquisition.center_sample >= samples:
-            raise InputError(f"acquisition {number} has centre sample {acquisition.center_sample} "
+        if head.center_sample >= samples:
+            raise InputError(f"acquisition {number} has centre sample {head.center_sample} "
                              f"but only {samples} samples")
+        self._check_counters(head)
+
+    def _check_trajectory(self, head) -> None:
+        dimensions = head.trajectory_dimensions
+        if not dimensions:
+            return
+        nbytes = head.number_of_samples * dimensions * 4
+        if self.trajectory in (None, "cartesian"):
+            raise InputError(f"acquisition {head.scan_counter} declares a trajectory of {head.number_of_samples} "
+                             f"x {dimensions} ({_mib(nbytes)}) but the header's encoding is Cartesian, where "
+                             f"lines carry no trajectory (trajectory_dimensions must be 0); refused before "
+                             f"reading it")
+        if dimensions > TRAJECTORY_DIMENSIONS_MAX:
+            raise InputError(f"acquisition {head.scan_counter} declares {dimensions} trajectory dimensions "
+                             f"({_mib(nbytes)}); a {self.trajectory} trajectory has at most "
+                             f"{TRAJECTORY_DIMENSIONS_MAX} (kx, ky, kz, weight); refused before reading it")
+
+    def _check_counters(self, head) -> None:
+        number = head.scan_counter
         ky_min, ky_max, _ = self.encoding.ky_limits
-        step1 = acquisition.idx.kspace_encode_step_1
+        step1 = head.idx.kspace_encode_step_1
         if not ky_min <= step1 <= ky_max:
             raise InputError(f"acquisition {number} has kspace_encode_step_1 = {step1}, outside the "
                              f"header's encoding limits {ky_min}..{ky_max}")
         kz_min, kz_max, _ = self.encoding.kz_limits
-        step2 = acquisition.idx.kspace_encode_step_2
+        step2 = head.idx.kspace_encode_step_2
         if self.encoding.encoded_matrix[2] > 1 and not kz_min <= step2 <= kz_max:
             raise InputError(f"acquisition {number} has kspace_encode_step_2 = {step2}, outside the "
                              f"header's encoding limits {kz_min}..{kz_max}")
-        if self.slice_limit is not None and acquisition.idx.slice > self.slice_limit:
-            raise InputError(f"acquisition {number} is for slice {acquisition.idx.slice}; the header's "
+        if self.slice_limit is not None and head.idx.slice > self.slice_limit:
+            raise InputError(f"acquisition {number} is for slice {head.idx.slice}; the header's "
                              f"encoding limits end at slice {self.slice_limit}")
 
 
