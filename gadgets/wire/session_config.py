@@ -45,6 +45,7 @@ from typing import Any
 from ..chain import ChainRepository, ChainSpec, ConfigError, is_valid_name, parse_chain_text
 
 OPENRECON_NAME = "openrecon"
+DEFAULT_NAME = "default"  # `pisf replay` without -c: the server's default chain, images as that chain makes them
 CHAIN_KEYS = ("config", "customconfig")
 SHORT_NAMES = {
     "seriesdescription": "image_finish.sequence_description_additional",
