@@ -38,16 +38,31 @@ def ramp_parameters(encoding) -> list[str]:
     return [name for name in names if name and "ramp" in name.lower()]
 
 
-def header_refusal(header) -> str | None:
-    """Why a Cartesian chain cannot reconstruct this scan (from the header alone), or None."""
+def header_kind(header) -> str:
+    """'cartesian', 'epi' (trajectory epi, or an EPI or ramp-sampling trajectory description), or the
+    header's other trajectory (radial, goldenangle, spiral, other). No encoding: 'cartesian'."""
     encoding = header.encoding[0] if header.encoding else None
     if encoding is None:
-        return None                               # Encoding.from_header has said so already
+        return "cartesian"                        # Encoding.from_header says what is missing
+    trajectory = _value(encoding.trajectory) or "cartesian"
+    description = getattr(encoding, "trajectoryDescription", None)
+    identifier = str(getattr(description, "identifier", "") or "")
+    if trajectory == "epi" or ramp_parameters(encoding) or "epi" in identifier.lower():
+        return "epi"
+    return trajectory
+
+
+def header_refusal(header) -> str | None:
+    """Why a Cartesian chain cannot reconstruct this scan (from the header alone), or None."""
+    kind = header_kind(header)
+    if kind == "cartesian":
+        return None
+    encoding = header.encoding[0]
     trajectory = _value(encoding.trajectory)
     description = getattr(encoding, "trajectoryDescription", None)
     identifier = str(getattr(description, "identifier", "") or "")
     ramps = ramp_parameters(encoding)
-    if trajectory == "epi" or ramps or "epi" in identifier.lower():
+    if kind == "epi":
         seen = [f"header trajectory {trajectory}"]
         if identifier:
             seen.append(f"trajectory description {identifier}")
@@ -56,11 +71,9 @@ def header_refusal(header) -> str | None:
         return (f"EPI data ({'; '.join(seen)}): this server has no EPI reconstruction (no ramp-sampling "
                 f"regridding, no odd/even phase correction), and a Cartesian FFT of EPI lines is a ghosted, "
                 f"blurred image; refused. {EPI_REFERENCES}")
-    if trajectory not in (None, "cartesian"):
-        return (f"the header declares a {trajectory} trajectory: this chain reconstructs Cartesian k-space only "
-                f"(lines placed on a grid by their ky counter), so every image would be wrong; refused. "
-                f"A non-Cartesian reconstruction (gridding/NUFFT) is needed")
-    return None
+    return (f"the header declares a {kind} trajectory: this chain reconstructs Cartesian k-space only "
+            f"(lines placed on a grid by their ky counter), so every image would be wrong; refused. "
+            f"A non-Cartesian reconstruction (gridding/NUFFT) is needed")
 
 
 def reversed_line_refusal(acquisition: ismrmrd.Acquisition) -> str:

@@ -61,6 +61,15 @@ class Sampling:
                 f"lines), {100.0 * self.hole_fraction:.0f} % of the samples inside the measured lines are empty")
 
 
+def combined(samplings: list[Sampling]) -> Sampling | None:
+    """One Sampling for several images (sums; the hole fraction of the most holed image)."""
+    if not samplings:
+        return None
+    return Sampling(sum(s.lines for s in samplings), sum(s.samples for s in samplings),
+                    sum(s.rows for s in samplings), sum(s.grid for s in samplings),
+                    max(s.hole_fraction for s in samplings))
+
+
 def filled_samples(kspace: np.ndarray) -> np.ndarray:
     """bool [..., ky, kx]: where any coil (axis 0) holds a non-zero sample."""
     return np.any(kspace != 0, axis=0)

@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from tools.rawdata.masks import CONVERSION_KINDS, conversion_mask
+from tools.rawdata.groundtruth import not_a_reference
 from tools.rawdata.source import SLICE_KEY_FIELDS, ConvertError, Line, Source, file_identity
 
 FORMATS = ("twix", "fastmri", "cmrxrecon", "bart")
@@ -422,7 +423,13 @@ def convert(input_path: Path | str, out_path: Path | str, fmt: str | None = None
     if undersampling is not None:
         set_acceleration(header, undersampling)
     truth = None
-    if not fully_sampled(source):
+    sampling = source.sampling if source.sampling is not None and source.sampling.holes_in_lines else None
+    if sampling is not None:
+        achieved = sampling.sample_acceleration   # R from the samples: a 2D mask keeps most lines
+    why_no_truth = not_a_reference(header, sampling, source.holes_in_lines)
+    if why_no_truth:
+        warn(f"no ground truth written: {why_no_truth} (replay prints no metrics)")
+    elif not fully_sampled(source):
         warn("the input is not fully sampled: no ground truth written (replay prints no metrics)")
     elif any(k[1] or k[3] or k[4] for k in image_lines(source)):
         warn("images differ in contrast, repetition or set: no ground truth written (its layout is "
@@ -457,9 +464,12 @@ def convert(input_path: Path | str, out_path: Path | str, fmt: str | None = None
             f"{len(keys)} image(s) in {slices} slice(s), "
             f"encoded {enc.encodedSpace.matrixSize.x}x{enc.encodedSpace.matrixSize.y}, recon "
             f"{enc.reconSpace.matrixSize.x}x{enc.reconSpace.matrixSize.y}, R {achieved:.2f}"
+            + (f" from the samples (2D undersampled within lines: {100.0 / achieved:.1f} % of the samples; "
+               f"{sampling.line_acceleration:.2f} counting lines)" if sampling is not None else "")
             + (f" ({undersampling.mask}, {'separate' if undersampling.separate else 'embedded'} reference)"
                if undersampling else "")
             + ("; fully sampled reference in the ground-truth group" if truth is not None else "")
+            + (f"; no ground truth: {why_no_truth}" if why_no_truth else "")
             + f"; {result['seconds']:.1f} s")
     return result
 

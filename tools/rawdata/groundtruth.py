@@ -49,6 +49,26 @@ class GroundTruth:
         return None
 
 
+def not_a_reference(header, sampling=None, holes_in_lines: bool = False) -> str | None:
+    """Why the zero-filled Cartesian image of a converted input is not its ground truth, or None.
+
+    EPI and non-Cartesian headers: a Cartesian FFT of the lines is not the image (the server refuses
+    them, gadgets/input_checks.py). Holes inside lines (2D masks): the image is undersampled, whatever
+    the line count says. `sampling`: a gadgets.numerics.sampling.Sampling of the images' samples."""
+    from gadgets.input_checks import header_kind
+
+    kind = header_kind(header)
+    if kind != "cartesian":
+        return (f"the input is {'EPI' if kind == 'epi' else f'a {kind} trajectory'}: a Cartesian FFT of its lines "
+                f"is not the image")
+    if sampling is not None and sampling.holes_in_lines:
+        return (f"the input is 2D undersampled within its lines (R {sampling.sample_acceleration:.2f} from the "
+                f"samples): its zero-filled image is not a reference")
+    if holes_in_lines:
+        return "the input is 2D undersampled within its lines: its zero-filled image is not a reference"
+    return None
+
+
 def write_groundtruth(h5: h5py.File, rss: np.ndarray, group: str = "dataset", layout: str | None = None,
                       attrs: dict | None = None, **arrays: np.ndarray) -> str:
     """Write ground truth into an open HDF5 file next to the raw data of `group`; returns its path."""

@@ -55,6 +55,7 @@ class Source:
     warnings: list[str] = field(default_factory=list)
     frame_counter: str = "phase"  # the counter a mask's frame index follows (cmrxrecon-kt)
     holes_in_lines: bool = False  # sent lines miss samples (2D undersampling): never "fully sampled"
+    sampling: object = None       # gadgets.numerics.sampling.Sampling of the images' samples, where a reader measured it
     identity: ScanIdentity | None = None  # device, patient, study, measurement; None: made from the file name
 
 
@@ -169,6 +170,8 @@ def array_lines(images: list[ArrayImage], *, first_column: int = 0, column_range
             rows = np.flatnonzero(present[start:stop]) + start
             holes = float(np.mean(~np.any(data[:, rows, :] != 0, axis=0))) if rows.size else 0.0
             stats["zero_samples"] = max(stats.get("zero_samples", 0.0), holes)
+            from gadgets.numerics.sampling import sampling_of   # R from the samples, for 2D masks
+            stats.setdefault("samplings", []).append(sampling_of(data[:, start:stop]))
         calibration = np.zeros(len(present), dtype=bool)
         centre = data.shape[1] // 2 if centre_column is None else centre_column
         if not present[start:stop].all() and 0 <= centre < len(present) and present[centre]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gadgets.numerics.sampling import combined
 from tools.rawdata.source import ArrayImage, ConvertError, Source, array_lines, default_positions, unit_pixel_header
 
 COUNTERS = {5: 1, 10: 2, 13: 0, 14: 3}  # BART dimension -> index in (slice, contrast, phase, repetition, set)
@@ -88,4 +89,5 @@ def read_bart_source(path: Path, oversampling: float | None = None) -> Source:
     source = Source("bart", f"BART k-space {stem.name} {dims[:16]}: readout {NAMES[read_dim]} ({nx}), phase encode "
                     f"{NAMES[phase_dim]} ({ny}), {coils} coil(s), {len(keys)} image(s)", header, lines, warnings)
     source.holes_in_lines = stats.get("zero_samples", 0.0) > 0.01
+    source.sampling = combined(stats.get("samplings", []))
     return source

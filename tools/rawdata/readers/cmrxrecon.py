@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gadgets.numerics.sampling import combined
 from tools.rawdata.source import (ArrayImage, ConvertError, Source, array_lines, default_positions,
                            frame_key, unit_pixel_header)
 
@@ -98,4 +99,5 @@ def read_cmrxrecon_source(path: Path, variable: str | None = None, frames: str |
     source = Source("cmrxrecon", f"CMRxRecon {Path(path).stem} `{name}`: {slices} slice(s) x {nframes} frame(s) "
                     f"({frames}), {coils} coil(s), {nx} kx x {ny} ky", header, lines, warnings, frame_counter=frames)
     source.holes_in_lines = stats.get("zero_samples", 0.0) > 0.01
+    source.sampling = combined(stats.get("samplings", []))
     return source

@@ -8,7 +8,7 @@ Mapping (after siemens_to_ismrmrd, the reference converter):
 | PATREFSCAN without PATREFANDIMASCAN | ACQ_IS_PARALLEL_CALIBRATION (reference only) |
 | PATREFANDIMASCAN | ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING (embedded reference) |
 | PHASCOR, (REF)PHASESTABSCAN, RTFEEDBACK/HPFEEDBACK, RETRO_DUMMYSCAN | phase correction, navigation/feedback, dummy: passed through, not image data |
-| REFLECT | samples reversed to ascending kx (the runtime has no ACQ_IS_REVERSE handling) |
+| REFLECT | samples reversed to ascending kx; in EPI (below) ACQ_IS_REVERSE, samples in measured order |
 | SYNCDATA, ACQEND | not acquisitions |
 | cLin, cPar, cSlc, cEco, cPhs, cRep, cSet, cAve, cSeg | kspace_encode_step_1, _2, slice, contrast, phase, repetition, set, average, segment |
 | CenterCol | center_sample |
@@ -26,6 +26,14 @@ length = samples per line, ky/kz limits = the counters' ranges, centre = the lin
 (or the middle when every line says 0), with a warning. Frequency, field, vendor, model, patient
 position, TR/TE/flip angle, acceleration and reference mode from the protocol. Identity as
 siemens_to_ismrmrd forms it (`_identity`): measurement ID DeviceSerialNumber_Patient_Study_MeasUID.
+
+EPI (`epi_readout`: ramp sampling in the protocol (alRegridMode > 1), or reflected image lines with
+an EPI factor > 1 or phase-correction lines) is written as siemens_to_ismrmrd writes it, for a
+reconstruction that regrids the ramps and corrects odd/even lines (Gadgetron's EPI chain):
+trajectory `epi`, trajectory description ConventionalEPI (rampUpTime, rampDownTime, flatTopTime,
+acqDelayTime, numSamples in the protocol's units, dwellTime in us), reflected lines flagged
+ACQ_IS_REVERSE with their samples in measured order. The server here refuses it, and convert
+writes no ground truth for it (a Cartesian FFT of the lines is not the image).
 """
 from __future__ import annotations
 
@@ -216,9 +224,16 @@ def read_twix_source(path: Path, measurement: int | None = None) -> Source:
     readouts = _sort_readouts(measurements, index, path)
     matrix = _matrix(meas, yaps, readouts, warnings, path)
     encoding = _encoding(matrix, meas, yaps, readouts, warnings)
-    header = _header(encoding, yaps, meas, dicom, readouts, warnings)
     dwell_ns = _number((_get(yaps, "sRXSPEC", "alDwellTime") or [0])[0], 0.0) or 0.0
-    lines, geometry_failed = _lines(readouts, dwell_ns / 1000.0 if dwell_ns else 0.0, version == "VB", path)
+    epi = epi_readout(meas, yaps, readouts)
+    if epi is not None:
+        _write_epi(encoding, epi, dwell_ns / 1000.0)
+        warnings.append(epi.describe() + ": written as EPI (header trajectory epi, ramp times in its trajectory "
+                        "description, reversed lines flagged ACQ_IS_REVERSE, as siemens_to_ismrmrd does); a Cartesian "
+                        "FFT of these lines is not the image, so this server refuses it")
+    header = _header(encoding, yaps, meas, dicom, readouts, warnings)
+    lines, geometry_failed = _lines(readouts, dwell_ns / 1000.0 if dwell_ns else 0.0, version == "VB", path,
+                                    reverse_flag=epi is not None)
     if geometry_failed:
         warnings.append("some lines carry no valid slice orientation: axial directions written for them")
     model = str(dicom.get("ManufacturersModelName") or "Siemens")
@@ -444,14 +459,16 @@ def _noise_dwell_us(mdb, vb: bool) -> float:
     return 10e6 / n / 130.0 if vb else int(76800.0 / n) / 10.0
 
 
-def _lines(readouts: Readouts, sample_time_us: float, vb: bool, path: Path) -> tuple[list[Line], list[int]]:
+def _lines(readouts: Readouts, sample_time_us: float, vb: bool, path: Path,
+           reverse_flag: bool = False) -> tuple[list[Line], list[int]]:
     """The Lines in scanner order (earlier noise first) and a list that the builders fill with
-    the scan counters of readouts without a valid orientation (known once they have run)."""
+    the scan counters of readouts without a valid orientation (known once they have run).
+    `reverse_flag`: reflected lines keep their samples and are flagged ACQ_IS_REVERSE (EPI)."""
     geometry_failed: list[int] = []
 
     def make(mdb, kind):
         dwell_us = _noise_dwell_us(mdb, vb) if kind == "noise" else sample_time_us
-        return lambda: _acquisition(mdb, dwell_us, readouts.coils, geometry_failed, path)
+        return lambda: _acquisition(mdb, dwell_us, readouts.coils, geometry_failed, path, reverse_flag)
 
     out: list[Line] = [Line("noise", None, 0, make(mdb, "noise")) for mdb in readouts.noise]
     for mdb, kind in zip(readouts.mdbs, readouts.kinds):
@@ -461,14 +478,16 @@ def _lines(readouts: Readouts, sample_time_us: float, vb: bool, path: Path) -> t
     return out, geometry_failed
 
 
-def _acquisition(mdb, sample_time_us: float, coils: int, geometry_failed: list[int], path: Path):
+def _acquisition(mdb, sample_time_us: float, coils: int, geometry_failed: list[int], path: Path,
+                 reverse_flag: bool = False):
     """One ISMRMRD acquisition of a twix readout (mapping in the module docstring)."""
     import ismrmrd
 
     data = np.asarray(mdb.data, dtype=np.complex64)
     if data.ndim != 2 or data.shape[0] != mdb.mdh.UsedChannels:
         raise ConvertError(f"{path}: readout {mdb.mdh.ScanCounter} has malformed data {data.shape}")
-    if mdb.is_flag_set("REFLECT"):
+    reflected = mdb.is_flag_set("REFLECT")
+    if reflected and not reverse_flag:
         data = data[:, ::-1]
     acquisition = ismrmrd.Acquisition.from_array(np.ascontiguousarray(data))
     head = acquisition.getHead()
@@ -502,7 +521,74 @@ def _acquisition(mdb, sample_time_us: float, coils: int, geometry_failed: list[i
         if mdb.is_flag_set(twix_flag):
             for f in ismrmrd_flags:
                 acquisition.set_flag(f)
+    if reflected and reverse_flag:
+        acquisition.set_flag(ismrmrd.ACQ_IS_REVERSE)
     return acquisition
+
+
+# ----------------------------------------------------------------------------- EPI
+@dataclass
+class EpiReadout:
+    """What marks a measurement as EPI, from the protocol and the lines."""
+    sequence: str
+    epi_factor: int
+    regrid_mode: int            # Siemens alRegridMode: 1 none, 2 trapezoidal, 4 sinusoidal
+    ramp_up_us: float
+    flat_top_us: float
+    ramp_down_us: float
+    delay_us: float
+    regrid_samples: int
+    reflected_lines: int
+    phase_correction_lines: int
+
+    @property
+    def ramp_sampled(self) -> bool:
+        return self.regrid_mode > 1
+
+    def describe(self) -> str:
+        parts = [f"EPI ({self.sequence or 'unknown sequence'}, EPI factor {self.epi_factor})"]
+        if self.ramp_sampled:
+            kind = {2: "trapezoidal", 4: "sinusoidal"}.get(self.regrid_mode, f"mode {self.regrid_mode}")
+            parts.append(f"ramp-sampled readouts ({kind} regridding: ramp up {self.ramp_up_us:g} us, flat top "
+                         f"{self.flat_top_us:g} us, ramp down {self.ramp_down_us:g} us)")
+        parts.append(f"{self.reflected_lines} reversed lines")
+        parts.append(f"{self.phase_correction_lines} phase-correction lines")
+        return ", ".join(parts)
+
+
+def epi_readout(meas: dict, yaps: dict, readouts: Readouts) -> EpiReadout | None:
+    """The EPI description of a measurement, or None when its readouts are not EPI."""
+    def first(value, default=0.0):
+        value = value[0] if isinstance(value, (list, tuple)) and value else value
+        return _number(value, default) or default
+
+    regrid_mode = int(first(meas.get("alRegridMode"), 1))
+    epi_factor = int(_number((_get(yaps, "sFastImaging") or {}).get("lEPIFactor"), 1) or 1)
+    reflected = sum(1 for m in readouts.image if m.is_flag_set("REFLECT"))
+    phase_correction = sum(1 for m in readouts.mdbs if m.is_flag_set("PHASCOR"))
+    if not (regrid_mode > 1 or (reflected and (epi_factor > 1 or phase_correction))):
+        return None
+    return EpiReadout(sequence=str(meas.get("tSequenceFileName") or yaps.get("tSequenceFileName") or "").split("\\")[-1],
+                      epi_factor=epi_factor, regrid_mode=regrid_mode,
+                      ramp_up_us=first(meas.get("alRegridRampupTime")), flat_top_us=first(meas.get("alRegridFlattopTime")),
+                      ramp_down_us=first(meas.get("alRegridRampdownTime")),
+                      delay_us=first(meas.get("alRegridDelaySamplesTime")),
+                      regrid_samples=int(first(meas.get("alRegridDestSamples"))), reflected_lines=reflected,
+                      phase_correction_lines=phase_correction)
+
+
+def _write_epi(encoding, epi: EpiReadout, dwell_us: float) -> None:
+    """Trajectory `epi` and the ConventionalEPI description (siemens_to_ismrmrd's parameter names)."""
+    import ismrmrd.xsd as xsd
+
+    longs = [("rampUpTime", epi.ramp_up_us), ("rampDownTime", epi.ramp_down_us), ("flatTopTime", epi.flat_top_us),
+             ("acqDelayTime", epi.delay_us), ("numSamples", epi.regrid_samples)]
+    encoding.trajectory = xsd.trajectoryType.EPI
+    encoding.trajectoryDescription = xsd.trajectoryDescriptionType(
+        identifier="ConventionalEPI",
+        userParameterLong=[xsd.userParameterLongType(name=name, value=int(round(value))) for name, value in longs],
+        userParameterDouble=[xsd.userParameterDoubleType(name="dwellTime", value=float(dwell_us))])
+    encoding.echoTrainLength = epi.epi_factor
 
 
 def _flag_map():
