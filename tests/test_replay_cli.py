@@ -167,7 +167,7 @@ def test_unexpected_failures_are_one_line_too(capsys, monkeypatch, small_raw):
 # ---------------------------------------------------------------- --help
 
 @pytest.mark.parametrize("command, shown", [
-    ("replay", ["(default: 9002)", "(default: zerofill)", "(default: 127.0.0.1)", "-g GROUP", "(default: 600.0)"]),
+    ("replay", ["(default: 9002)", "(default: the server's default chain", "(default: 127.0.0.1)", "-g GROUP", "(default: 600.0)"]),
     ("serve", ["(default: 9002)", "(default: 16)", "(default: 300.0)", "(default: INFO)"]),
     ("simulate", ["(default: 256)", "(default: 8)", "(default: equispaced)", "(default: 0.02)"]),
     ("demo", ["(default: out/demo)", "(default: 6)", "(default: 1)"]),
@@ -194,7 +194,7 @@ def test_input_group_option(capsys, tmp_path, server, small_raw):
     assert_one_line_error(code, err, "holds raw data in several groups (first, second); choose one with -g")
     code, _, err = run_cli(capsys, "replay", two, "--port", port, "-g", "third")
     assert_one_line_error(code, err, "no ISMRMRD raw data in group 'third'", "first, second")
-    code, out, _ = run_cli(capsys, "replay", two, "--port", port, "-g", "second", "--no-report")
+    code, out, _ = run_cli(capsys, "replay", two, "--port", port, "-g", "second", "--no-report", "-c", "zerofill")
     assert code == 0 and "received 2 images" in out
     # a single group of another name is found without -g
     one = tmp_path / "renamed.h5"
@@ -206,7 +206,8 @@ def test_input_group_option(capsys, tmp_path, server, small_raw):
 
 def test_default_output_group_name_is_shell_friendly(capsys, tmp_path, server, small_raw):
     out = tmp_path / "images.h5"
-    code, stdout, _ = run_cli(capsys, "replay", small_raw, "--port", server.address[1], "-o", out, "--no-report")
+    code, stdout, _ = run_cli(capsys, "replay", small_raw, "--port", server.address[1], "-o", out, "--no-report",
+                              "-c", "zerofill")
     assert code == 0
     with h5py.File(out, "r") as h5:
         [group] = list(h5.keys())
@@ -276,11 +277,11 @@ def test_progress_counts_images_received_of_expected(capsys, server, cine_raw):
 
 def test_replay_prints_quality_and_writes_the_report(capsys, tmp_path, server, cine_raw):
     out = tmp_path / "cine_images.h5"
-    code, stdout, err = run_cli(capsys, "replay", cine_raw, "--port", server.address[1], "-o", out)
+    code, stdout, err = run_cli(capsys, "replay", cine_raw, "--port", server.address[1], "-o", out, "-c", "zerofill")
     assert code == 0, err
     assert "quality against the ground truth" in stdout and "/dataset/pisf_groundtruth" in stdout
     assert "mean PSNR" in stdout and "mean SSIM" in stdout
-    report = tmp_path / "cine_images_report"
+    [report] = (tmp_path / "cine_images_report").iterdir()  # one report per output group
     metrics = json.loads((report / "metrics.json").read_text())
     assert {r["chain"] for r in metrics["rows"]} == {"zerofill"}
     assert len(metrics["rows"]) == 3 and all(r["psnr_db"] > 10 and 0 < r["ssim"] <= 1 for r in metrics["rows"])

@@ -7,7 +7,9 @@ last line of a slice to receiving its image.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import re
 import socket
 import ssl
 import sys
@@ -21,6 +23,7 @@ import numpy as np
 
 from . import protocol
 from ..items import SliceKey
+from .session_config import DEFAULT_NAME as DEFAULT_CHAIN  # the server's default chain, by name
 from .tls import TlsSocket
 
 TICK_S = 2.5e-3  # acquisition_time_stamp unit on Siemens and in ISMRMRD practice
@@ -39,6 +42,8 @@ class ReplayResult:
     responses: list[str] = field(default_factory=list)  # RESPONSE (id 7) texts, answers to queries
     closed: bool = False
     acquisitions_sent: int = 0
+    acquisitions_total: int = 0
+    stopped_at_error: bool = False  # sending stopped early because the server sent an ERROR
     send_seconds: float = 0.0
     error: str | None = None
 
@@ -57,6 +62,14 @@ _hdf5_lock = threading.Lock()
 
 class RawFileError(ValueError):
     """The file cannot be replayed; the message says why in one line."""
+
+
+class ReplayInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a replay; `result` holds what had arrived (the connection is closed)."""
+
+    def __init__(self, result: "ReplayResult"):
+        super().__init__()
+        self.result = result
 
 
 def raw_groups(path: Path | str) -> list[str]:
@@ -94,7 +107,13 @@ def resolve_raw_group(path: Path | str, group: str | None = None) -> str:
         kind = "a text file" if start and all(32 <= b < 127 or b in (9, 10, 13) for b in start) else "not HDF5"
         raise RawFileError(f"{path} is {kind}, not an ISMRMRD raw data file (HDF5 with a group holding "
                            f"'xml' and 'data')")
-    groups = raw_groups(path)
+    try:
+        groups = raw_groups(path)
+    except OSError as exc:  # HDF5 signature fine, content not (a cut-off copy, a damaged file)
+        truncated = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", str(exc))
+        what = (f"truncated ({truncated[1]} of {truncated[2]} bytes)" if truncated
+                else f"a damaged HDF5 file ({exc})")
+        raise RawFileError(f"{path} is {what}; copy it again, or rerun what wrote it") from None
     if group is not None:
         group = group.strip("/")
         if group in groups:
@@ -146,6 +165,7 @@ class _Receiver(threading.Thread):
         super().__init__(name="replay-receiver", daemon=True)
         self.sock, self.result, self.sent_times, self.verbose = sock, result, sent_times, verbose
         self.bar = bar  # progress of images received (of expected)
+        self.refused = threading.Event()  # the server sent an ERROR: it closes the scan, stop sending
         self.expected = bar.total if bar is not None else 0  # images per series
         self.series_seen: set[int] = set()
 
@@ -179,9 +199,14 @@ class _Receiver(threading.Thread):
                         self._print(f"image {message.image_index:4d}  series {message.image_series_index}  {key}  "
                                     f"{tuple(message.matrix_size)}  latency {shown}")
                 elif isinstance(message, (protocol.Text, protocol.Error)):
-                    self.result.texts.append(message.text)
-                    if self.verbose:
-                        self._print(f"server: {message.text}")
+                    text = message.text
+                    if isinstance(message, protocol.Error) and not text.startswith("ERROR"):
+                        text = f"ERROR: {text}"
+                    self.result.texts.append(text)
+                    if text.startswith("ERROR"):
+                        self.refused.set()  # reported once by the caller, not printed here as well
+                    elif self.verbose:
+                        self._print(f"server: {text}")
                 elif isinstance(message, protocol.Response):
                     self.result.responses.append(message.text)
                 elif isinstance(message, protocol.Close):
@@ -201,15 +226,18 @@ def replay(raw_path: Path | str, host: str = "127.0.0.1", port: int = 9002, conf
            config_text: str | None = None, realtime: bool = False, parameters: str | None = None,
            verbose: bool = False, progress: bool = False, timeout_s: float = 600.0,
            header_text: str | None = None, acquisitions: list | None = None, tls: bool = False,
-           tls_ca: Path | str | None = None) -> ReplayResult:
+           tls_ca: Path | str | None = None, queries: tuple[str, ...] = ()) -> ReplayResult:
     """Stream one raw file (or given header+acquisitions) and return what came back.
 
     `tls`: connect over TLS, verifying the server's certificate (and host name) against `tls_ca`
-    (a PEM file) or, without it, the system's trusted CAs.
+    (a PEM file) or, without it, the system's trusted CAs. `queries` are sent first as QUERY
+    messages; their answers land in `result.responses`. Sending stops at the server's first
+    ERROR (it ends the scan). Ctrl-C closes the connection and raises ReplayInterrupted with what
+    had arrived.
     """
     if acquisitions is None:
         header_text, acquisitions = read_raw(raw_path)
-    result = ReplayResult()
+    result = ReplayResult(acquisitions_total=len(acquisitions))
     sent_times: dict[SliceKey, float] = {}
     sock = socket.create_connection((host, port), timeout=timeout_s)  # OSError (refused, ...) to the caller
     if tls:
@@ -224,45 +252,71 @@ def replay(raw_path: Path | str, host: str = "127.0.0.1", port: int = 9002, conf
         bars.append(tqdm(total=len(acquisitions), unit="line", desc="streaming", file=sys.stderr, position=0))
         bars.append(tqdm(total=max(expected_images(acquisitions), 1), unit="image", desc="images   ",
                          file=sys.stderr, position=1))
-    with sock:
-        receiver = _Receiver(sock, result, sent_times, verbose, bars[1] if bars else None)
-        receiver.start()
-        send = sock.sendall
-        bar = bars[0] if bars else None
-        start = time.monotonic()
-        first_stamp = None
-        try:
-            send(protocol.frame_config_text(config_text) if config_text is not None
-                 else protocol.frame_config_name(config))
-            send(protocol.frame_header(header_text))
-            if parameters is not None:
-                send(protocol.frame_text(parameters))
-            for acquisition in acquisitions:
-                if realtime:
-                    stamp = acquisition.acquisition_time_stamp
-                    first_stamp = stamp if first_stamp is None else first_stamp
-                    delay = (stamp - first_stamp) * TICK_S - (time.monotonic() - start)
-                    if delay > 0:
-                        time.sleep(delay)
-                send(protocol.frame_acquisition(acquisition))
-                key = SliceKey.of(acquisition.idx)
-                if not acquisition.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-                    sent_times[key] = time.monotonic()  # the last line sent so far for this slice
-                result.acquisitions_sent += 1
-                if bar is not None:
-                    bar.update()
-            send(protocol.frame_close())
-        except OSError as exc:
-            result.error = f"sending failed after {result.acquisitions_sent} acquisitions: {exc}"
-        result.send_seconds = time.monotonic() - start
-        if bar is not None:
-            bar.close()  # sent; the images bar goes on while the last slices reconstruct
-        receiver.join(timeout_s)
-        if receiver.is_alive() and result.error is None:
-            result.error = f"no CLOSE from the server within {timeout_s:.0f} s after the last line"
-    if bars:
-        bars[1].close()
+    receiver = _Receiver(sock, result, sent_times, verbose, bars[1] if bars else None)
+    try:
+        with sock:
+            receiver.start()
+            try:
+                _send_scan(sock.sendall, result, receiver.refused, config, config_text, header_text, parameters,
+                           queries, acquisitions, realtime, sent_times, bars[0] if bars else None)
+                if bars:
+                    bars[0].close()  # sent; the images bar goes on while the last slices reconstruct
+                receiver.join(timeout_s)
+            except KeyboardInterrupt:
+                # Leave at once: shutting the socket down wakes the receiver, which ends within moments.
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                receiver.join(1.0)
+                result.images = list(result.images)  # a snapshot: the receiver adds nothing more
+                raise ReplayInterrupted(result) from None
+            if receiver.is_alive() and result.error is None:
+                result.error = f"no CLOSE from the server within {timeout_s:.0f} s after the last line"
+    finally:
+        for bar in bars:
+            bar.close()
+    if result.stopped_at_error and result.error and result.error.startswith("sending failed"):
+        result.error = None  # the server closed after its ERROR: that ERROR is the news, not the broken pipe
     return result
+
+
+def _send_scan(send, result: ReplayResult, refused: threading.Event, config, config_text, header_text,
+               parameters, queries, acquisitions, realtime, sent_times, bar) -> None:
+    """Queries, config, header, the client's JSON, the acquisitions (paced with `realtime`), CLOSE;
+    stops at the server's first ERROR (without CLOSE: the server has closed the scan itself)."""
+    start = time.monotonic()
+    first_stamp = None
+    try:
+        for number, query in enumerate(queries, 1):
+            send(protocol.frame_query(query, number))
+        send(protocol.frame_config_text(config_text) if config_text is not None
+             else protocol.frame_config_name(config))
+        send(protocol.frame_header(header_text))
+        if parameters is not None:
+            send(protocol.frame_text(parameters))
+        for acquisition in acquisitions:
+            if refused.is_set():
+                result.stopped_at_error = True
+                return
+            if realtime:
+                stamp = acquisition.acquisition_time_stamp
+                first_stamp = stamp if first_stamp is None else first_stamp
+                delay = (stamp - first_stamp) * TICK_S - (time.monotonic() - start)
+                if delay > 0 and refused.wait(delay):
+                    result.stopped_at_error = True
+                    return
+            send(protocol.frame_acquisition(acquisition))
+            key = SliceKey.of(acquisition.idx)
+            if not acquisition.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                sent_times[key] = time.monotonic()  # the last line sent so far for this slice
+            result.acquisitions_sent += 1
+            if bar is not None:
+                bar.update()
+        send(protocol.frame_close())
+    except OSError as exc:
+        result.stopped_at_error = refused.is_set()
+        result.error = f"sending failed after {result.acquisitions_sent} acquisitions: {exc}"
+    finally:
+        result.send_seconds = time.monotonic() - start
 
 
 def client_ssl_context(ca: Path | str | None = None) -> ssl.SSLContext:
