@@ -17,6 +17,13 @@ write at least `rss`):
     combined  complex64 [slice, phase, y, x] optional: coil-combined complex image
     mask      uint8 [slice, phase, ky]       optional: 1 where a line was acquired
     ...       any other arrays and attributes (described in the group's `layout` attribute)
+
+Files of ismrmrd-tools' generator (`ismrmrd_generate_cartesian_shepp_logan`) carry their own truth beside
+the raw data: `phantom` (the object), `csm` and `coil_images` (noise-free, oversampled readout), each an
+ISMRMRD NDArray. read_groundtruth() turns them into the same `rss`, by the rule the simulator follows:
+the RSS of the noise-free coil images cropped to the recon matrix and prewhitened as the chains do
+(gadgets.noise.whitening_matrix of the file's noise readouts; none without them); |phantom| x RSS(csm)
+without coil images, |phantom| alone without maps.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import numpy as np
 
 GROUNDTRUTH_NAME = "pisf_groundtruth"
 LEGACY_PATH = "/" + GROUNDTRUTH_NAME
+GENERATOR_PHANTOM = "phantom"   # ismrmrd_generate_cartesian_shepp_logan's object, beside `data` and `xml`
 
 
 def groundtruth_path(group: str = "dataset") -> str:
@@ -107,4 +115,68 @@ def read_groundtruth(path: Path | str, group: str | None = "dataset", arrays: bo
             extra = ({name: gt[name][()] for name in gt if name != "rss" and isinstance(gt[name], h5py.Dataset)}
                      if arrays else {})
             return GroundTruth(rss=rss, arrays=extra, attrs=dict(gt.attrs), path=candidate)
+    if group:
+        return _generator_truth(path, group.strip("/"))
     return None
+
+
+def _complex_array(node: h5py.Dataset | h5py.Group) -> np.ndarray:
+    """An ISMRMRD NDArray as stored by ismrmrd-tools: a dataset of complex (real, imag) compounds or of
+    numbers, or a group holding one such `data` dataset."""
+    if isinstance(node, h5py.Group):
+        node = node["data"]
+    values = node[()]
+    if values.dtype.names and {"real", "imag"} <= set(values.dtype.names):
+        return values["real"].astype(np.float64) + 1j * values["imag"].astype(np.float64)
+    return np.asarray(values)
+
+
+def _generator_truth(path: Path | str, group: str) -> GroundTruth | None:
+    """The ground truth of an ismrmrd_generate_cartesian_shepp_logan file (module docstring), or None."""
+    from gadgets.noise import whitening_matrix
+
+    with h5py.File(path, "r") as h5:
+        raw = h5.get(group)
+        if not isinstance(raw, h5py.Group) or GENERATOR_PHANTOM not in raw:
+            return None
+        phantom = _complex_array(raw[GENERATOR_PHANTOM])
+        coil_images = _complex_array(raw["coil_images"]) if "coil_images" in raw else None
+        maps = _complex_array(raw["csm"]) if "csm" in raw else None
+    ny, nx = phantom.shape[-2:]
+    phantom = phantom.reshape(-1, ny, nx)                      # [slice, y, x]
+    if coil_images is not None and coil_images.shape[-2] == ny and coil_images.shape[-1] >= nx:
+        start = coil_images.shape[-1] // 2 - nx // 2           # the recon FOV: readout oversampling removed
+        coils = coil_images[..., start:start + nx].reshape(-1, coil_images.shape[-3], ny, nx)
+        noise = _noise_readouts(path, group)
+        whitening = whitening_matrix(noise) if noise else None
+        if whitening is not None and whitening.shape[0] == coils.shape[1]:
+            coils = np.einsum("ij,sjyx->siyx", whitening, coils)
+        rss = np.sqrt(np.sum(np.abs(coils) ** 2, axis=1))
+        source = "RSS of coil_images" + (", prewhitened with the noise readouts" if whitening is not None else "")
+    elif maps is not None and maps.shape[-2:] == (ny, nx):
+        rss = np.abs(phantom) * np.sqrt(np.sum(np.abs(maps.reshape(-1, maps.shape[-3], ny, nx)) ** 2, axis=1))
+        source = "|phantom| x RSS(csm)"
+    else:
+        rss, source = np.abs(phantom), "|phantom|"
+    return GroundTruth(rss=rss[:, None].astype(np.float32), attrs=dict(source=f"ismrmrd-tools generator: {source}"),
+                       path=f"/{group}/{GENERATOR_PHANTOM}")
+
+
+def _noise_readouts(path: Path | str, group: str) -> list[np.ndarray]:
+    """The noise readouts at the start of the raw data (the generator writes them first)."""
+    import ismrmrd
+
+    noise = []
+    try:
+        dataset = ismrmrd.Dataset(str(path), group, create_if_needed=False, mode="r")
+    except TypeError:  # ismrmrd < 1.15 has no `mode`
+        dataset = ismrmrd.Dataset(str(path), group, create_if_needed=False)
+    try:
+        for index in range(dataset.number_of_acquisitions()):
+            acquisition = dataset.read_acquisition(index)
+            if not acquisition.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                break
+            noise.append(np.array(acquisition.data))
+    finally:
+        dataset.close()
+    return noise

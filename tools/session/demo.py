@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             pngs = write_pngs(result, out / f"png_{chain}")
             print(f"\nchain {chain}: {len(result.images)} images -> {images_path} (group '{chain}'), "
                   f"{len(pngs)} PNGs in {out / f'png_{chain}'}; {summarise_latency(result.latencies())}")
-            panels.update(panels_from_images(result.images, chain))
+            panels.update(panels_from_images(result.images, chain, qualify=True))
     finally:
         stop_server(server)
     if panels:

@@ -4,13 +4,20 @@
 computed zero-filled recon), plus the ground truth when the raw file carries one
 (tools/rawdata/groundtruth.py). Written into one directory:
 
-    metrics.json, metrics.csv   one row per chain and image: slice, phase, PSNR, SSIM, NMSE, latency
-    compare_slice000.png        per slice: reference | each chain, windowed as a console would
-                                (the image's WindowCenter/WindowWidth), and below each chain its
+    metrics.json, metrics.csv   one row per series and image (every slice, phase, repetition,
+                                contrast, set): PSNR, SSIM, NMSE, latency, the image's method
+    compare_slice000.png        per slice (its first phase/repetition; the partition shown, for 3D):
+                                reference | each series, windowed as a console would
+                                (the image's WindowCenter/WindowWidth), and below each its
                                 error map |recon - reference| on one colour scale (% of the
                                 reference maximum, colour bar), PSNR/SSIM in the titles
-    quality_latency.png         PSNR, SSIM and latency per image for every chain
+    quality_latency.png         PSNR, SSIM and latency per image for every series
     cine_slice000.gif           multi-phase (cine) scans: the same panels through the phases
+
+A chain that sends one series is labelled by its name; one that sends several (pisf_compare: PISF
+and GRAPPA) has each series labelled by the method its images carry (PISF_Method meta): "pisf",
+"grappa", or "pisf (pisf_compare)" where several chains share a report. Writing a report first
+removes the files an earlier report left in the directory, so figures never outlive their metrics.
 
 Metrics are the fastMRI ones (tools/evaluation/metrics.py) after a least-squares scale match of each image
 to the reference. matplotlib is imported here only, never by the server runtime.
@@ -20,20 +27,44 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from tools.rawdata.groundtruth import GroundTruth
 
 
+class ImageKey(NamedTuple):
+    """Which image of the scan: every index a chain keeps images apart by (client.SliceKey's)."""
+    slice: int
+    phase: int = 0
+    repetition: int = 0
+    contrast: int = 0
+    set: int = 0
+    copy: int = 0   # the n-th image a series sent with the same indices (0 but for odd chains): none is dropped
+
+    @classmethod
+    def of(cls, image) -> "ImageKey":
+        return cls(int(image.slice), int(image.phase), int(image.repetition), int(image.contrast), int(image.set))
+
+
+KEY_FIELDS = ImageKey._fields
+# Report files write_report() owns in its directory (removed before a new report is written).
+REPORT_PATTERNS = ("metrics.json", "metrics.csv", "compare_slice*.png", "cine_slice*.gif", "quality_latency.png")
+
+
 @dataclass
 class Panel:
-    """One displayed image: a 2D magnitude plane, its display window and its latency."""
+    """One displayed image: a 2D magnitude plane, its display window and its latency; `method` from the
+    image's PISF_Method meta; `partition` (shown, of count) for a 3D image, whose middle partition is shown."""
     data: np.ndarray
     window: tuple[float, float]
     latency_ms: float | None = None
+    method: str = ""
+    partition: tuple[int, int] | None = None
 
 
 @dataclass
@@ -53,6 +84,20 @@ def image_plane(image) -> np.ndarray:
     return np.abs(plane).astype(np.float64) if np.iscomplexobj(plane) else plane.astype(np.float64)
 
 
+def shown_partition(image) -> tuple[int, int] | None:
+    """(index, count) of the partition image_plane shows for a 3D image; None for 2D."""
+    partitions = np.asarray(image.data).shape[1]
+    return (partitions // 2, partitions) if partitions > 1 else None
+
+
+def image_method(image) -> str:
+    """The recon method the image says made it (PISF_Method meta, lower case), '' when it does not say."""
+    try:
+        return str(image.meta["PISF_Method"]).lower()
+    except (KeyError, TypeError, ValueError):
+        return ""
+
+
 def console_window(image) -> tuple[float, float]:
     """(low, high) as the console windows it: WindowCenter/WindowWidth meta, else percentiles."""
     try:
@@ -70,45 +115,77 @@ def percentile_window(plane: np.ndarray) -> tuple[float, float]:
     return float(low), float(max(high, low + 1e-6))
 
 
-def panels_from_images(received, label: str) -> dict[str, dict[tuple[int, int], Panel]]:
-    """label -> {(slice, phase): Panel} from ReceivedImage objects; one label per image series
-    (`label` alone when the chain sent one series)."""
-    series = sorted({r.image.image_series_index for r in received})
-    panels: dict[str, dict[tuple[int, int], Panel]] = {}
+def series_labels(received, label: str, qualify: bool = False) -> dict[int, str]:
+    """series index -> its label: `label` when the chain sent one series; otherwise the method most
+    of the series' images carry ("pisf", "grappa"), as "method (label)" when `qualify` (several chains in
+    one report), "series N" when its images name no method; a repeated name gets its series number."""
+    methods: dict[int, Counter] = {}
+    for r in received:
+        methods.setdefault(int(r.image.image_series_index), Counter())[image_method(r.image)] += 1
+    if len(methods) == 1:
+        return {series: label for series in methods}
+    names = {}
+    for series, counts in sorted(methods.items()):
+        method = counts.most_common(1)[0][0] or f"series {series}"
+        names[series] = f"{method} ({label})" if qualify else method
+    repeated = Counter(names.values())
+    return {series: (f"{name} series {series}" if repeated[name] > 1 else name) for series, name in names.items()}
+
+
+def panels_from_images(received, label: str, qualify: bool = False) -> dict[str, dict[ImageKey, Panel]]:
+    """series label -> {ImageKey: Panel} from ReceivedImage objects (labels: series_labels).
+    Every image has its own key, so every image gets its row."""
+    labels = series_labels(received, label, qualify)
+    panels: dict[str, dict[ImageKey, Panel]] = {}
     for r in received:
         image = r.image
-        name = label if len(series) == 1 else f"{label} s{image.image_series_index}"
+        images = panels.setdefault(labels[int(image.image_series_index)], {})
+        key = ImageKey.of(image)
+        while key in images:
+            key = key._replace(copy=key.copy + 1)
         latency = r.latency_s * 1e3 if r.latency_s is not None else None
-        panels.setdefault(name, {}).setdefault((int(image.slice), int(image.phase)),
-                                               Panel(image_plane(image), console_window(image), latency))
+        images[key] = Panel(image_plane(image), console_window(image), latency, image_method(image),
+                            shown_partition(image))
     return panels
 
 
 # ---------------------------------------------------------------- metrics
 
-def compute_rows(panels: dict[str, dict[tuple[int, int], Panel]], reference: GroundTruth | None) -> tuple[list[dict], list[str]]:
-    """One row per (label, slice, phase): PSNR/SSIM/NMSE against the reference (None without one)."""
+def compute_rows(panels: dict[str, dict[ImageKey, Panel]], reference: GroundTruth | None) -> tuple[list[dict], list[str]]:
+    """One row per (label, image): PSNR/SSIM/NMSE against the reference of its slice and phase (None
+    without one; every repetition, contrast and set of a slice and phase has the same reference)."""
     from tools.evaluation.metrics import nmse, psnr, scale_match, ssim
 
     rows, notes = [], []
     for label, images in panels.items():
-        for (slice_index, phase), panel in sorted(images.items()):
-            row = dict(chain=label, slice=slice_index, phase=phase, psnr_db=None, ssim=None, nmse=None,
+        for key, panel in sorted(images.items()):
+            row = dict(chain=label, method=panel.method, **key._asdict(), psnr_db=None, ssim=None, nmse=None,
                        latency_ms=None if panel.latency_ms is None else round(panel.latency_ms, 1))
-            truth = reference.image(slice_index, phase) if reference is not None else None
+            truth = reference.image(key.slice, key.phase) if reference is not None else None
             if truth is not None and truth.shape == panel.data.shape and truth.max() > 0:
                 matched = scale_match(panel.data, truth)
                 row.update(psnr_db=round(psnr(truth, matched), 3), ssim=round(ssim(truth, matched), 4),
                            nmse=round(nmse(truth, matched), 6))
             elif truth is not None:
-                notes.append(f"{label} slice {slice_index} phase {phase}: image {panel.data.shape} and reference "
+                notes.append(f"{label} {_key_text(key)}: image {panel.data.shape} and reference "
                              f"{truth.shape} differ in size; no metrics")
             rows.append(row)
     return rows, notes
 
 
+def _key_text(key: ImageKey) -> str:
+    """'slice 2 phase 0 repetition 3': slice and phase always, the other indices where not 0."""
+    return " ".join(f"{name} {value}" for name, value in key._asdict().items()
+                    if name in ("slice", "phase") or value)
+
+
+def _varying_key_fields(rows: list[dict]) -> list[str]:
+    """slice, phase, and each other index that is not 0 in some row (the table's columns)."""
+    return [name for name in KEY_FIELDS if name in ("slice", "phase") or any(r[name] for r in rows)]
+
+
 def summary(rows: list[dict]) -> dict[str, dict]:
-    """Per chain: images, mean PSNR/SSIM (where measured), latency p50/p95/max."""
+    """Per label: images, mean PSNR/SSIM (where measured), latency p50/p95/max."""
     out = {}
     for label in dict.fromkeys(r["chain"] for r in rows):
         mine = [r for r in rows if r["chain"] == label]
@@ -126,13 +203,20 @@ def summary(rows: list[dict]) -> dict[str, dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The console table: one line per image, then one summary line per chain."""
-    lines = [f" {'chain':<14} slice phase   PSNR dB   SSIM      NMSE   latency ms"]
+    """The console table: one line per image, then one summary line per label; the label column is
+    as wide as the longest label, index columns appear where they vary."""
+    width = max([len("chain")] + [len(r["chain"]) for r in rows])
+    indices = _varying_key_fields(rows)
+    lines = [f" {'chain':<{width}} " + " ".join(f"{name:>{max(len(name), 5)}}" for name in indices)
+             + "   PSNR dB    SSIM      NMSE   latency ms"]
+
+    def show(value, fmt):
+        return format(value, fmt) if value is not None else "-".rjust(len(format(0.0, fmt)))
+
     for r in rows:
-        def show(value, fmt):
-            return format(value, fmt) if value is not None else "-".rjust(len(format(0.0, fmt)))
-        lines.append(f" {r['chain']:<14} {r['slice']:5d} {r['phase']:5d} {show(r['psnr_db'], '9.2f')} "
-                     f"{show(r['ssim'], '7.4f')} {show(r['nmse'], '9.5f')} {show(r['latency_ms'], '12.1f')}")
+        lines.append(f" {r['chain']:<{width}} " + " ".join(f"{r[name]:>{max(len(name), 5)}d}" for name in indices)
+                     + f" {show(r['psnr_db'], '9.2f')} {show(r['ssim'], '7.4f')} {show(r['nmse'], '9.5f')} "
+                       f"{show(r['latency_ms'], '12.1f')}")
     for label, s in summary(rows).items():
         quality = (f"mean PSNR {s['mean_psnr_db']:.2f} dB, mean SSIM {s['mean_ssim']:.4f}"
                    if s["mean_psnr_db"] is not None else "no ground truth: no PSNR/SSIM")
@@ -146,9 +230,11 @@ def write_metrics(directory: Path, rows: list[dict], title: str) -> list[Path]:
     json_path, csv_path = directory / "metrics.json", directory / "metrics.csv"
     json_path.write_text(json.dumps(dict(title=title, metric_note=(
         "PSNR/SSIM/NMSE (fastMRI definitions, data range = reference max) after a least-squares "
-        "scale match of each image to the ground-truth RSS; latency = last line sent -> image received"),
+        "scale match of each image to the ground-truth RSS; latency = last line sent -> image received; "
+        "chain = the series' label, method = what the image says made it (PISF_Method)"),
         summary=summary(rows), rows=rows), indent=2))
-    fields = ["chain", "slice", "phase", "psnr_db", "ssim", "nmse", "latency_ms"]
+    fields = (["chain", "method", *[name for name in KEY_FIELDS if name != "copy"]]
+              + (["copy"] if any(r["copy"] for r in rows) else []) + ["psnr_db", "ssim", "nmse", "latency_ms"])
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
@@ -203,7 +289,7 @@ def compare_figure(path: Path, panels, key, truth: np.ndarray | None, rows_by_ke
     columns = (["reference"] if truth is not None else []) + labels
     maps, scale = _error_maps(panels, key, truth)
     nrows = 2 if maps else 1
-    fig, axes = plt.subplots(nrows, len(columns), figsize=(3.1 * len(columns), 3.3 * nrows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(nrows, len(columns), figsize=(3.1 * len(columns), 3.4 * nrows + 0.5), squeeze=False)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
@@ -225,7 +311,9 @@ def compare_figure(path: Path, panels, key, truth: np.ndarray | None, rows_by_ke
         subtitle = (f"\nPSNR {row['psnr_db']:.2f} dB  SSIM {row['ssim']:.3f}"
                     if row is not None and row["psnr_db"] is not None else "")
         latency = f"  {panel.latency_ms:.0f} ms" if panel.latency_ms is not None else ""
-        ax.set_title(f"{name}{latency}{subtitle}", fontsize=9)
+        partition = (f"\npartition {panel.partition[0]} of {panel.partition[1]}"
+                     if panel.partition is not None else "")
+        ax.set_title(f"{name}{latency}{subtitle}{partition}", fontsize=9)
         if nrows == 2 and name in maps:
             error_ax = axes[1, column]
             shown = error_ax.imshow(maps[name], cmap="inferno", vmin=0.0, vmax=scale, interpolation="nearest")
@@ -243,6 +331,17 @@ def compare_figure(path: Path, panels, key, truth: np.ndarray | None, rows_by_ke
     plt.close(fig)
 
 
+# One marker and line style per series, so that series with the same values (pisf and
+# "pisf (pisf_compare)") show as two marks instead of one hiding the other.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _tick_label(key: ImageKey, fields: list[str]) -> str:
+    short = dict(slice="s", phase="p", repetition="r", contrast="c", set="set", copy="#")
+    return "".join(f"{short[name]}{getattr(key, name)}" for name in fields)
+
+
 def quality_latency_figure(path: Path, rows: list[dict], title: str) -> None:
     plt = _pyplot()
     has_quality = any(r["psnr_db"] is not None for r in rows)
@@ -252,23 +351,25 @@ def quality_latency_figure(path: Path, rows: list[dict], title: str) -> None:
     if not metrics:
         return
     fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 2.4 * len(metrics) + 0.6), sharex=True, squeeze=False)
-    keys = sorted({(r["slice"], r["phase"]) for r in rows})
+    keys = sorted({ImageKey(**{name: r[name] for name in KEY_FIELDS}) for r in rows})
     position = {key: i for i, key in enumerate(keys)}
+    labels = list(dict.fromkeys(r["chain"] for r in rows))
     for ax, (name, label) in zip(axes[:, 0], metrics):
-        for chain in dict.fromkeys(r["chain"] for r in rows):
+        for n, chain in enumerate(labels):
             mine = [r for r in rows if r["chain"] == chain and r[name] is not None]
             if mine:
-                ax.plot([position[(r["slice"], r["phase"])] for r in mine], [r[name] for r in mine], "o-",
-                        label=chain, markersize=4)
+                ax.plot([position[ImageKey(**{f: r[f] for f in KEY_FIELDS})] for r in mine], [r[name] for r in mine],
+                        marker=_MARKERS[n % len(_MARKERS)], linestyle=_LINESTYLES[n % len(_LINESTYLES)],
+                        label=chain, markersize=7 - 0.5 * (n % 6), fillstyle="none" if n % 2 else "full", alpha=0.85)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8, loc="best")
-    phases = len({k[1] for k in keys})
-    ticks = [f"s{s}" + (f"p{p}" if phases > 1 else "") for s, p in keys]
+    shown = [name for name in _varying_key_fields(rows) if name == "slice" or len({r[name] for r in rows}) > 1]
+    ticks = [_tick_label(key, shown) for key in keys]
     step = max(1, len(ticks) // 24)
     axes[-1, 0].set_xticks(range(0, len(ticks), step))
     axes[-1, 0].set_xticklabels(ticks[::step], fontsize=8, rotation=45 if len(ticks) > 12 else 0)
-    axes[-1, 0].set_xlabel("image (slice" + (", phase" if phases > 1 else "") + ")")
+    axes[-1, 0].set_xlabel("image (" + ", ".join(shown) + ")")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -280,11 +381,13 @@ def _to_uint8(plane: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return (np.clip((plane - low) / max(high - low, 1e-12), 0, 1) * 255).astype(np.uint8)
 
 
-def cine_gif(path: Path, panels, slice_index: int, phases: list[int], truth_of, frame_ms: int = 100) -> None:
-    """Animated GIF through the cine phases: reference (if any) and each chain side by side."""
+def cine_gif(path: Path, panels, first: ImageKey, phases: list[int], truth_of, frame_ms: int = 100) -> None:
+    """Animated GIF through the cine phases of `first`'s slice (and repetition, contrast, set):
+    reference (if any) and each series side by side."""
     from PIL import Image, ImageDraw
 
     frames = []
+    slice_index = first.slice
     for phase in phases:
         tiles, names = [], []
         truth = truth_of(phase)
@@ -292,7 +395,7 @@ def cine_gif(path: Path, panels, slice_index: int, phases: list[int], truth_of, 
             tiles.append(_to_uint8(truth, percentile_window(truth)))
             names.append("reference")
         for label, images in panels.items():
-            panel = images.get((slice_index, phase))
+            panel = images.get(first._replace(phase=phase))
             if panel is not None:
                 tiles.append(_to_uint8(panel.data, panel.window))
                 names.append(label)
@@ -316,28 +419,46 @@ def cine_gif(path: Path, panels, slice_index: int, phases: list[int], truth_of, 
 
 # ---------------------------------------------------------------- the report
 
-def write_report(directory: Path | str, panels: dict[str, dict[tuple[int, int], Panel]],
+def remove_earlier_report(directory: Path) -> list[Path]:
+    """Remove the files an earlier write_report() left in `directory` (REPORT_PATTERNS only)."""
+    removed = [path for pattern in REPORT_PATTERNS for path in sorted(directory.glob(pattern)) if path.is_file()]
+    for path in removed:
+        path.unlink()
+    return removed
+
+
+def write_report(directory: Path | str, panels: dict[str, dict[ImageKey, Panel]],
                  reference: GroundTruth | None, title: str) -> Report:
-    """Write metrics, per-slice comparison PNGs, the quality/latency plot and cine GIFs."""
+    """Write metrics (every image), per-slice comparison PNGs, the quality/latency plot and cine GIFs,
+    after removing an earlier report's files from the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     report = Report(directory)
-    report.rows, report.notes = compute_rows(panels, reference)
+    removed = remove_earlier_report(directory)
+    if removed:
+        report.notes.append(f"removed {len(removed)} files of an earlier report in {directory}")
+    rows, notes = compute_rows(panels, reference)
+    report.rows, report.notes = rows, report.notes + notes
     report.files += write_metrics(directory, report.rows, title)
-    rows_by_key = {(r["chain"], (r["slice"], r["phase"])): r for r in report.rows}
+    rows_by_key = {(r["chain"], ImageKey(**{name: r[name] for name in KEY_FIELDS})): r for r in report.rows}
     keys = sorted({key for images in panels.values() for key in images})
-    slices = sorted({s for s, _ in keys})
-    for slice_index in slices:
-        phases = sorted({p for s, p in keys if s == slice_index})
-        key = (slice_index, phases[0])
-        truth = reference.image(*key) if reference is not None else None
+    for slice_index in sorted({key.slice for key in keys}):
+        first = min(key for key in keys if key.slice == slice_index)
+        phases = sorted({key.phase for key in keys if key[:1] + key[2:] == first[:1] + first[2:]})
+        truth = reference.image(first.slice, first.phase) if reference is not None else None
         path = directory / f"compare_slice{slice_index:03d}.png"
-        compare_figure(path, panels, key, truth, rows_by_key,
-                       f"{title}: slice {slice_index}" + (f", phase {phases[0]}" if len(phases) > 1 else ""))
+        others = [key for key in keys if key.slice == slice_index]
+        shown = ", ".join(f"{name} {value}" for name, value in first._asdict().items()
+                          if name != "slice" and (value or len({getattr(k, name) for k in others}) > 1))
+        partitions = [p.partition for images in panels.values() for k, p in images.items() if k == first and p.partition]
+        shown_3d = (f", partition {partitions[0][0]} of {partitions[0][1]} (the middle one, counted from 0)"
+                    if partitions else "")
+        compare_figure(path, panels, first, truth, rows_by_key,
+                       f"{title}: slice {slice_index}" + (f", {shown}" if shown else "") + shown_3d)
         report.files.append(path)
         if len(phases) > 1:
             gif = directory / f"cine_slice{slice_index:03d}.gif"
-            cine_gif(gif, panels, slice_index, phases,
+            cine_gif(gif, panels, first, phases,
                      lambda phase: reference.image(slice_index, phase) if reference is not None else None)
             if gif.exists():
                 report.files.append(gif)
