@@ -150,3 +150,36 @@ def test_pisf_dicom_subcommand(tmp_path):
     assert len(files) == 6
     assert sorted({f.parent.name for f in files}) == ["series_001", "series_002"]
     assert pydicom.dcmread(files[0]).SeriesDescription == "zero-filled"
+
+
+def test_pisf_dicom_takes_the_latest_written_group_not_the_alphabetically_last(tmp_path, capsys):
+    h5 = tmp_path / "images.h5"
+    older = ReplayResult(images=[ReceivedImage(image, None) for image in images()[:3]])   # series 1 only
+    newer = ReplayResult(images=[ReceivedImage(image, None) for image in images()[3:]])   # series 2 only
+    write_images(older, h5, "pisf_zerofill_20261203_120000")
+    write_images(newer, h5, "custom_name")  # written later, sorts first
+    assert cli.main(["dicom", str(h5), "--out", str(tmp_path / "dcm")]) == 0
+    out = capsys.readouterr().out
+    assert "from group 'custom_name' (the latest of 2 groups; --group picks another)" in out, out
+    assert sorted({f.parent.name for f in (tmp_path / "dcm").rglob("*.dcm")}) == ["series_002"]
+    # appending to the older group again makes it the latest
+    write_images(older, h5, "pisf_zerofill_20261203_120000")
+    assert cli.main(["dicom", str(h5), "--out", str(tmp_path / "dcm2")]) == 0
+    assert "from group 'pisf_zerofill_20261203_120000'" in capsys.readouterr().out
+
+
+def test_pisf_dicom_on_raw_data_or_a_text_file_says_what_to_do(tmp_path, capsys):
+    from tools.rawdata.simulate import simulate
+
+    raw = tmp_path / "raw.h5"
+    simulate(raw, matrix=16, coils=1, accel=1, acs=4, slices=1, noise=0.0, seed=1)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not images\n")
+    for path, expected in ((raw, f"{raw} holds ISMRMRD raw data, not images; reconstruct it first: "
+                                 f"`pisf replay {raw} -o images.h5`"),
+                           (notes, f"{notes} is not an HDF5 file; give an ISMRMRD HDF5 file")):
+        code = cli.main(["dicom", str(path), "--out", str(tmp_path / "dcm")])
+        err = capsys.readouterr().err
+        assert code != 0
+        assert err.splitlines() == [err.strip()] and err.startswith(f"pisf dicom: error: {expected}"), err
+        assert not (tmp_path / "dcm").exists()

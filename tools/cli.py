@@ -146,4 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m tools.cli`: run the imported module's main, so that the CommandError subcommands
+    # raise (tools.cli.CommandError) is the class caught here, not a second copy in __main__
+    from tools.cli import main as imported_main
+
+    sys.exit(imported_main())

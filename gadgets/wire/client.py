@@ -27,6 +27,7 @@ from .session_config import DEFAULT_NAME as DEFAULT_CHAIN  # the server's defaul
 from .tls import TlsSocket
 
 TICK_S = 2.5e-3  # acquisition_time_stamp unit on Siemens and in ISMRMRD practice
+WRITTEN_ATTRIBUTE = "pisf_written_utc"  # image group attribute: ISO time write_images last wrote it
 
 
 @dataclass
@@ -390,9 +391,32 @@ def write_images(result: ReplayResult, out_path: Path | str, group: str | None =
         finally:
             dataset.close()
             del dataset
+        import h5py
+
+        with h5py.File(out_path, "a") as h5:  # when it was written: `pisf dicom` takes the latest group
+            h5[group].attrs[WRITTEN_ATTRIBUTE] = datetime.datetime.now(datetime.timezone.utc).isoformat()
     if arrays is not None:
         arrays.extend(plan)
     return group
+
+
+def latest_image_group(path: Path | str) -> str | None:
+    """The image group written last: by the time write_images stores, else (files of other writers)
+    by position in the file (HDF5 appends new objects at its end). None without image groups."""
+    import h5py
+
+    with _hdf5_lock, h5py.File(path, "r") as h5:
+        candidates = []
+        for name, node in h5.items():
+            if isinstance(node, h5py.Group) and any(k.startswith("image_") for k in node):
+                written = node.attrs.get(WRITTEN_ATTRIBUTE, "")
+                written = written.decode() if isinstance(written, bytes) else str(written)
+                try:
+                    position = h5py.h5o.get_info(node.id).addr
+                except AttributeError:  # HDF5 builds that name objects by token, not address
+                    position = 0
+                candidates.append((written, position, name))
+    return max(candidates)[2] if candidates else None
 
 
 def window(image: ismrmrd.Image) -> tuple[float, float]:
