@@ -210,7 +210,7 @@ def assert_one_line_error(capsys, out, rc, *words):
     captured = capsys.readouterr()
     assert rc != 0
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert len(lines) == 1 and lines[0].startswith("pisf convert: error: ") and "; " in lines[0], captured.err
     assert "Traceback" not in captured.err + captured.out
     for word in words:
         assert word in lines[0], lines[0]
@@ -260,7 +260,8 @@ def test_cli_bad_input_exit_status_without_traceback(tmp_path):
     bad.write_bytes(bytes(range(256)) * 64)
     run = subprocess.run([sys.executable, "-m", "tools.cli", "convert", str(bad), "--out", str(tmp_path / "o.h5")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1 and run.stderr.count("\n") == 1 and run.stderr.startswith("error: "), run.stderr
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and run.stderr.startswith("pisf convert: error: "), \
+        run.stderr
     assert not (tmp_path / "o.h5").exists()
 
 

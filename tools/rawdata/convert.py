@@ -368,8 +368,8 @@ def _check_paths(input_path: Path, out_path: Path) -> None:
         raise ConvertError(f"{input_path}: is a directory, not a raw file")
     if out_path.exists() and out_path.is_dir():
         raise ConvertError(f"--out {out_path}: is a directory; name the .h5 file to write")
-    if not out_path.parent.exists():
-        raise ConvertError(f"--out {out_path}: directory {out_path.parent} does not exist")
+    if out_path.parent.exists() and not out_path.parent.is_dir():
+        raise ConvertError(f"--out {out_path}: {out_path.parent} is a file; choose another output path")
     if out_path.exists() and input_path.exists() and out_path.resolve() == input_path.resolve():
         raise ConvertError("--out names the input file; choose another output name")
 
@@ -379,6 +379,10 @@ def _write_file(out_path: Path, header_xml: str, planned: list[Planned], truth: 
     """Header, acquisitions and (when given) the ground truth, written under a temporary name
     that is renamed at the end, so a failed conversion leaves no output file."""
     import ismrmrd
+
+    from tools.cli import created_directory
+
+    created_directory(out_path.parent)  # missing directories are made and announced, as every command does
 
     descriptor, temporary = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp",
                                              dir=str(out_path.parent if str(out_path.parent) else "."))
@@ -499,24 +503,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tools.cli import CommandError
+
     undersampling = None
     if args.undersample:
         undersampling = Undersampling(args.undersample, args.accel, args.acs, args.reference == "separate", args.seed)
     elif args.reference == "separate" or args.acs is not None:
-        print("error: --reference and --acs apply to --undersample; add --undersample MASK", file=sys.stderr)
-        return 2
+        raise CommandError("--reference and --acs apply to --undersample; add --undersample MASK")
     try:
         convert(args.input, args.out, args.format, undersampling, args)
     except ConvertError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"error: {exc.filename or args.input}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        raise CommandError(_what_to_do(str(exc))) from exc
     except KeyboardInterrupt:
-        print("error: interrupted; no output written", file=sys.stderr)
+        print("pisf convert: interrupted; no output written", file=sys.stderr)
         return 130
-    except Exception as exc:  # a reader tripping over malformed content: still one line, no traceback
-        print(f"error: {args.input}: cannot convert ({type(exc).__name__}: {exc})", file=sys.stderr)
-        return 1
+    except (OSError, MemoryError):
+        raise  # the command boundary (tools/cli.py) words these
+    except Exception as exc:  # a reader tripping over malformed content: still one line (the cause chained)
+        raise CommandError(f"{args.input}: cannot convert ({type(exc).__name__}: {exc}); check --format, and "
+                           f"report it with the output of PISF_TRACEBACK=1 if the file is sound") from exc
     return 0
+
+
+def _what_to_do(problem: str) -> str:
+    """A reader's message, with what to do added where it has none."""
+    if ";" in problem:
+        return problem
+    if problem.endswith("no such file"):
+        return f"{problem}; check the path"
+    if "truncated" in problem:
+        return f"{problem}; copy the file again (its transfer was cut short)"
+    return f"{problem}; see `pisf convert --help` for the formats it reads (--format names one)"

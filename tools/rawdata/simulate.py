@@ -727,7 +727,9 @@ def _check(args: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace) -> int:
     problem = _check(args)
     if problem is None:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        from tools.cli import created_directory
+
+        created_directory(os.path.dirname(args.out) or ".")  # made and announced, as every command writing files does
         try:
             simulate(args.out, matrix=args.matrix, coils=args.coils, accel=args.accel, acs=args.acs,
                      mask=args.mask, slices=args.slices, phases=args.phases, oversampling=args.oversampling,
