@@ -95,13 +95,13 @@ def resolve_raw_group(path: Path | str, group: str | None = None) -> str:
 
     path = Path(path)
     if not path.exists():
-        raise RawFileError(f"{path}: no such file")
+        raise RawFileError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise RawFileError(f"{path} is a directory; give an ISMRMRD raw data file (.h5)")
     try:
         is_hdf5 = h5py.is_hdf5(str(path))
     except OSError as exc:
-        raise RawFileError(f"{path}: cannot be read ({exc})") from None
+        raise RawFileError(f"{path}: cannot be read ({exc}); check its permissions") from None
     if not is_hdf5:
         with open(path, "rb") as handle:
             start = handle.read(512)

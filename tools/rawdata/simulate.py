@@ -743,5 +743,6 @@ def run(args: argparse.Namespace) -> int:
             problem = str(exc)
         except OSError as exc:
             problem = f"cannot write {args.out}: {exc.strerror or exc}"
-    print(f"pisf simulate: error: {problem}", file=sys.stderr)
+    todo = "" if ";" in problem else "; see `pisf simulate --help` for the ranges"
+    print(f"pisf simulate: error: {problem}{todo}", file=sys.stderr)
     return 2
