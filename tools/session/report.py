@@ -335,6 +335,7 @@ def compare_figure(path: Path, panels, key, truth: np.ndarray | None, rows_by_ke
 # "pisf (pisf_compare)") show as two marks instead of one hiding the other.
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
 _LINESTYLES = ("-", "--", ":", "-.")
+_MIN_SPAN = {"psnr_db": 2.0, "ssim": 0.05}   # the least y range a quality axis shows
 
 
 def _tick_label(key: ImageKey, fields: list[str]) -> str:
@@ -363,6 +364,11 @@ def quality_latency_figure(path: Path, rows: list[dict], title: str) -> None:
                         label=chain, markersize=7 - 0.5 * (n % 6), fillstyle="none" if n % 2 else "full", alpha=0.85)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        low, high = ax.get_ylim()
+        span = _MIN_SPAN.get(name, 0.0)
+        if high - low < span:   # nearly equal values (repetitions): no axis of 0.001 dB steps
+            ax.set_ylim((low + high - span) / 2, (low + high + span) / 2)
     axes[0, 0].legend(fontsize=8, loc="best")
     shown = [name for name in _varying_key_fields(rows) if name == "slice" or len({r[name] for r in rows}) > 1]
     ticks = [_tick_label(key, shown) for key in keys]
