@@ -167,7 +167,8 @@ def test_unexpected_failures_are_one_line_too(capsys, monkeypatch, small_raw):
 # ---------------------------------------------------------------- --help
 
 @pytest.mark.parametrize("command, shown", [
-    ("replay", ["(default: 9002)", "(default: the server's default chain", "(default: 127.0.0.1)", "-g GROUP", "(default: 600.0)"]),
+    ("replay", ["(default: 9002)", "(default: the server's default chain", "(default: 127.0.0.1)", "-g GROUP",
+                "(default: 600.0)"]),
     ("serve", ["(default: 9002)", "(default: 16)", "(default: 300.0)", "(default: INFO)"]),
     ("simulate", ["(default: 256)", "(default: 8)", "(default: equispaced)", "(default: 0.02)"]),
     ("demo", ["(default: out/demo)", "(default: 6)", "(default: 1)"]),
