@@ -12,6 +12,8 @@ lines); slices are prepared (ACS lines as data or not, 3D partitions) by gadgets
   wavelet coefficients by FISTA (`regulariser: l1`); the image is the coil-combined complex
   image, and its data-consistency residual goes into the meta.
 More than `virtual_coils` channels are SVD-compressed on the reference block first.
+Slices undersampled within their lines (2D masks, gadgets/numerics/sampling.py) are not row problems:
+the sense stage solves them as one 2D CG-SENSE problem (gadgets/numerics/sense_2d.py), GRAPPA refuses.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .context import StreamContext
+from .context import InputError, StreamContext
 from .items import KSpaceSlice, Notice, ReconImage
 from .numerics.calibration import compressed_maps
 from .numerics.coils import coil_compression_matrix, compress, root_sum_of_squares
@@ -28,7 +30,9 @@ from .numerics.fft import ifftc
 from .numerics.grappa import DEFAULT_KX_TAPS, DEFAULT_KY_SOURCES, grappa_fill
 from .numerics.quality import sense_residual
 from .numerics.reference import MIN_CALIBRATION_REFERENCE_LINES, centre_region
+from .numerics.sampling import sampling_of
 from .numerics.sense import sense_l1_wavelet, sense_tikhonov
+from .numerics.sense_2d import sense_2d
 from .reference_prep import CalibrationRecipe, declare_recipe, prepared_calibration
 from .slices import SliceData, acs_as_data_default, partitions
 
@@ -171,6 +175,11 @@ class ClassicalRecon:
 
     def _reconstruct(self, item: KSpaceSlice):
         self.context.check_cancelled(f"{item.key}")
+        if self.method == "sense" and item.kspace.shape[1] == 1:
+            sampling = sampling_of(item.kspace)
+            if sampling.holes_in_lines:
+                yield from self._sense_2d(item, sampling)
+                return
         planes = partitions(item, self.acs_as_data)
         calibration = prepared_calibration(item, self.recipe) if len(planes) == 1 else None
         results = [reconstruct_classical(data, self.method, self.options,
@@ -187,6 +196,39 @@ class ClassicalRecon:
         yield ReconImage(key=item.key, data=np.stack([r.magnitude for r in results]), line_header=item.line_header,
                          recon=f"{first.description}, R {float(meta['PISF_Acceleration']):.1f}", meta=meta,
                          complete=item.complete, last_line_time=item.last_line_time)
+
+
+    def _sense_2d(self, item: KSpaceSlice, sampling):
+        """A slice with holes inside its lines: 2D CG-SENSE (l2; said once per scan)."""
+        image = sense_2d_image(item, sampling, self.options.virtual_coils)
+        if "2d" not in self.noted:
+            self.noted.add("2d")
+            yield Notice(f"{item.key}: {sampling.describe()}; reconstructed by {image.recon}, not row by row"
+                         + (" (regulariser l1 applies to 1D sampling only: l2 used)"
+                            if self.options.sense_regulariser == "l1" else ""))
+        yield image
+
+
+def sense_2d_image(item: KSpaceSlice, sampling, virtual_coils: int, prefix: str = "",
+                   extra: dict | None = None) -> ReconImage:
+    """The 2D CG-SENSE ReconImage of a 2D slice whose lines have holes (the sense stage's, and the
+    pisf stage's fallback for it). InputError when its fully sampled centre cannot calibrate."""
+    started = time.perf_counter()
+    kspace = item.kspace[:, 0]
+    try:
+        image, facts = sense_2d(kspace, np.any(kspace != 0, axis=0), virtual_coils)
+    except ValueError as exc:
+        raise InputError(f"{item.key}: {sampling.describe()}; {exc}: refused") from None
+    lines, columns = facts["region"]
+    description = f"2D SENSE (ESPIRiT maps from the fully sampled {lines}x{columns} centre, CG on the whole image)"
+    meta = {"PISF_Method": "SENSE-2D", "PISF_Acceleration": f"{sampling.sample_acceleration:.2f}",
+            "PISF_SampleAcceleration": f"{sampling.sample_acceleration:.2f}",
+            "PISF_VirtualCoils": str(facts["virtual_coils"]), "PISF_DataConsistency": f"{facts['consistency']:.4f}",
+            "PISF_ReconMs": f"{(time.perf_counter() - started) * 1e3:.1f}"}
+    meta.update(extra or {})
+    return ReconImage(key=item.key, data=np.abs(image)[None].astype(np.float32), line_header=item.line_header,
+                      recon=f"{prefix}{description}, R {sampling.sample_acceleration:.1f}", meta=meta,
+                      complete=item.complete, last_line_time=item.last_line_time)
 
 
 class GrappaRecon(ClassicalRecon):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .classical import METHODS, SERIES, classical_options, reconstruct_classical
+from .classical import METHODS, SERIES, classical_options, reconstruct_classical, sense_2d_image
 from .context import StreamCancelled, StreamContext
 from .finish import SERIES_META
 from .inference_pool import ADMISSION, POLL_S, Cancelled, InferenceScheduler
@@ -39,6 +39,7 @@ from .numerics.pisf_inference import SCAN_CALIBRATED, PisfReconstructor, Prepare
 from .numerics.quality import normalised_difference
 from .numerics.reference import MIN_CALIBRATION_REFERENCE_LINES
 from .reference_prep import CalibrationRecipe, CalibrationUse, declare_recipe, prepared_calibration
+from .numerics.sampling import sampling_of
 from .slices import SliceData, acs_as_data_default, partitions
 
 log = logging.getLogger("pisf.gadget")
@@ -227,6 +228,7 @@ class _StartedSlice:
     prepared_at: float = 0.0
     future: Future | None = None                # the network's (output rows, batch size)
     calibration: CalibrationUse | None = None   # reference_prep's, where it prepared the slice
+    ready: list | None = None                   # outputs made in _start (a 2D-undersampled slice's 2D SENSE)
 
 
 class PisfRecon:
@@ -385,6 +387,9 @@ class PisfRecon:
         preparation, and the network queue. InputError for kz-undersampled 3D, StreamCancelled
         when the client has gone."""
         self.context.check_cancelled(f"{item.key}")
+        sampling = sampling_of(item.kspace)
+        if sampling.holes_in_lines and item.kspace.shape[1] == 1:
+            return self._two_dimensional(item, sampling)
         started = _StartedSlice(item, time.perf_counter(), partitions(item, self.acs_as_data))
         data = started.planes[0]
         started.reasons = guard_reasons(data, len(started.planes), self.reconstructor, self.trajectory)
@@ -411,9 +416,22 @@ class PisfRecon:
             raise
         return started
 
+    def _two_dimensional(self, item: KSpaceSlice, sampling) -> "_StartedSlice":
+        """Holes inside the lines (2D mask): the network solves 1D problems along ky, so the slice
+        goes to 2D CG-SENSE whatever `fallback` says (GRAPPA is row-wise too); never a guard pass."""
+        why = f"{sampling.describe()}; the network solves one 1D problem per readout row"
+        image = sense_2d_image(item, sampling, self.options.virtual_coils, prefix="PISF not used: ",
+                               extra={"PISF_Guard": f"fallback: {why}", "PISF_Model": self.model_name})
+        notice = list(self._announce(f"PISF not used for {item.key}: {why}; reconstructed with 2D SENSE instead "
+                                     "(further such slices are not announced)", key=("fallback", "2D")))
+        return _StartedSlice(item, time.perf_counter(), [], ready=notice + [image])
+
     def _complete(self, started: "_StartedSlice"):
         """A slice's second half, in stream order: its network result (or the fallback) -> images."""
         item = started.item
+        if started.ready is not None:
+            yield from started.ready
+            return
         if not self.ranges:
             yield from self._announce(
                 f"model {self.model_name} carries no trained ranges in its metadata (contract "

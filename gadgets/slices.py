@@ -98,8 +98,8 @@ def partitions(item: KSpaceSlice, acs_as_data: bool) -> list[SliceData]:
         # which is exact only when whole lines are measured
         raise InputError(f"{item.key}: {sampling.describe()}. The reconstructions of this chain unalias along ky "
                          f"only (one 1D problem per readout row) and cannot fill holes inside lines; refused. "
-                         f"The zerofill chain gives the zero-filled image; a 2D compressed-sensing "
-                         f"reconstruction (e.g. BART pics) is what such data need")
+                         f"The sense chain reconstructs such slices (2D CG-SENSE); the zerofill chain gives the "
+                         f"zero-filled image")
     nz = item.kspace.shape[1]
     if nz == 1:
         return [slice_data(item, acs_as_data)]
