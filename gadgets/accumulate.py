@@ -175,17 +175,7 @@ class SliceAccumulator:
 
     def _slice_out(self, open_slice: _OpenSlice, complete: bool, arrival: float | None):
         """The slice for the recon stage, or, when every sample is zero, a TEXT and a zero image."""
-        item = self._emit(open_slice, complete, arrival)
-        if not is_empty(item.kspace):
-            yield item
-            return
-        lines = int(item.sampled.sum())
-        yield Notice(f"{item.key}: all {lines} lines hold only zeros (an empty slice): a zero image is sent "
-                     f"in its place, nothing is reconstructed")
-        rx = self.context.readout_samples
-        yield ReconImage(key=item.key, data=np.zeros((self.nz, self.ny, rx), dtype=np.float32),
-                         line_header=item.line_header, recon=EMPTY_SLICE_RECON,
-                         meta={"PISF_Empty": "true"}, complete=item.complete, last_line_time=item.last_line_time)
+        yield from slice_or_empty_image(self._emit(open_slice, complete, arrival))
 
     @staticmethod
     def _emit(open_slice: _OpenSlice, complete: bool, arrival: float | None) -> KSpaceSlice:
@@ -194,3 +184,16 @@ class SliceAccumulator:
                            line_header=open_slice.line_header, complete=complete,
                            last_line_time=arrival if arrival is not None else time.monotonic(),
                            first_line_time=open_slice.first_line_time)
+
+
+def slice_or_empty_image(item: KSpaceSlice) -> list:
+    """[item] for the recon stage, or, when every sample is zero, [TEXT, zero image] (shared with
+    the ReconData adapter of gadgets/gadgetron_external, which buffers without this stage)."""
+    if not is_empty(item.kspace):
+        return [item]
+    coils, nz, ny, nx = item.kspace.shape
+    notice = Notice(f"{item.key}: all {int(item.sampled.sum())} lines hold only zeros (an empty slice): a zero "
+                    f"image is sent in its place, nothing is reconstructed")
+    return [notice, ReconImage(key=item.key, data=np.zeros((nz, ny, nx), dtype=np.float32),
+                               line_header=item.line_header, recon=EMPTY_SLICE_RECON, meta={"PISF_Empty": "true"},
+                               complete=item.complete, last_line_time=item.last_line_time)]

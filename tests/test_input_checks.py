@@ -244,3 +244,18 @@ def test_image_finish_lowers_a_series_scale_a_dark_first_image_set():
     assert (finished[1].data >= 4095).mean() == 0 and (finished[2].data >= 4095).mean() < 0.01
     assert float(finished[0].meta["PISF_ScaleFactor"]) == pytest.approx(1e5 * float(finished[1].meta["PISF_ScaleFactor"]),
                                                                           rel=1e-3)
+
+
+def test_gadgetron_buffers_path_refuses_the_same_headers(three_slices):
+    """Inside Gadgetron the chain gets ReconData, not lines: its adapter refuses what the accumulator does."""
+    from gadgets.context import InputError
+    from gadgets.gadgetron_external.recondata import ReconDataAdapter
+
+    header, _ = read_raw(three_slices)
+    spiral = with_header(header, lambda enc: setattr(enc, "trajectory", ismrmrd.xsd.trajectoryType.SPIRAL))
+    with pytest.raises(InputError, match="spiral trajectory"):
+        ReconDataAdapter(StreamContext(parse_header(spiral)))
+    epi = with_header(header, lambda enc: setattr(enc, "trajectory", ismrmrd.xsd.trajectoryType.EPI))
+    with pytest.raises(InputError, match="EPI data"):
+        ReconDataAdapter(StreamContext(parse_header(epi)))
+    ReconDataAdapter(StreamContext(parse_header(header)))   # Cartesian: accepted

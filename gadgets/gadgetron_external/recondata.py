@@ -21,7 +21,9 @@ from typing import Iterable, Iterator
 import ismrmrd
 import numpy as np
 
+from ..accumulate import slice_or_empty_image
 from ..context import InputError, StreamContext
+from ..input_checks import header_refusal
 from ..items import KSpaceSlice, SliceKey
 
 
@@ -56,6 +58,9 @@ class ReconDataAdapter:
     """Turns ReconData items into KSpaceSlices (other items pass through unchanged)."""
 
     def __init__(self, context: StreamContext):
+        refusal = header_refusal(context.header)   # as the slice accumulator refuses it on our server
+        if refusal:
+            raise InputError(refusal)
         self.context = context
         self.encoding = context.encoding
         self.ny, self.nz = self.encoding.encoded_matrix[1], self.encoding.encoded_matrix[2]
@@ -114,6 +119,7 @@ class ReconDataAdapter:
                     line_header = min(headers, key=lambda pair: pair[0])[1]
                     if not isinstance(line_header, ismrmrd.AcquisitionHeader):
                         line_header = ismrmrd.AcquisitionHeader.from_buffer_copy(bytes(line_header))
-                    yield KSpaceSlice(key=SliceKey.of(line_header.idx), kspace=kspace, sampled=sampled,
-                                      calibration=calibration, calibration_sampled=calibration_sampled,
-                                      line_header=line_header, complete=True, last_line_time=arrival)
+                    yield from slice_or_empty_image(KSpaceSlice(
+                        key=SliceKey.of(line_header.idx), kspace=kspace, sampled=sampled, calibration=calibration,
+                        calibration_sampled=calibration_sampled, line_header=line_header, complete=True,
+                        last_line_time=arrival))
