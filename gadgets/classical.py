@@ -24,14 +24,14 @@ import numpy as np
 
 from .context import InputError, StreamContext
 from .items import KSpaceSlice, Notice, ReconImage
-from .numerics.calibration import compressed_maps
+from .numerics.calibration import compressed_maps, sense_calibration_options
 from .numerics.coils import coil_compression_matrix, compress, root_sum_of_squares
 from .numerics.fft import ifftc
 from .numerics.grappa import DEFAULT_KX_TAPS, DEFAULT_KY_SOURCES, grappa_fill
-from .numerics.quality import sense_residual
+from .numerics.quality import coil_residual
 from .numerics.reference import MIN_CALIBRATION_REFERENCE_LINES, centre_region
 from .numerics.sampling import sampling_of
-from .numerics.sense import sense_l1_wavelet, sense_tikhonov
+from .numerics.sense import coil_images, combine_maps, sense_l1_wavelet, sense_tikhonov
 from .numerics.sense_2d import sense_2d
 from .reference_prep import CalibrationRecipe, declare_recipe, prepared_calibration
 from .slices import SliceData, acs_as_data_default, partitions
@@ -107,20 +107,23 @@ def reconstruct_classical(data: SliceData, method: str, options: ClassicalOption
         result = ClassicalImage("grappa", magnitude.astype(np.float32), description, meta)
     else:
         matrix, coil_maps = maps if maps is not None else compressed_maps(
-            centre_region(block, *SENSE_CALIBRATION_REGION), data.kspace.shape[1:], options.virtual_coils)
+            centre_region(block, *SENSE_CALIBRATION_REGION), data.kspace.shape[1:], options.virtual_coils,
+            **sense_calibration_options(lines))    # two ESPIRiT maps where the object folds
         measured = compress(data.kspace * data.mask[None, :, None], matrix)
         if options.sense_regulariser == "l1":
             image = sense_l1_wavelet(ifftc(measured, axes=(-1,)), data.mask, coil_maps, lam=options.sense_l1_lambda,
-                                     iterations=options.sense_l1_iterations)
+                                     iterations=options.sense_l1_iterations, per_map=True)
             description = (f"SENSE-l1 (ESPIRiT maps, Haar wavelets, FISTA, lambda {options.sense_l1_lambda:g}, "
                            f"{lines} {source})")
         else:
             image = sense_tikhonov(ifftc(measured, axes=(-1,)), data.mask, coil_maps, lam=options.sense_lambda,
-                                   iterations=options.sense_iterations)
+                                   iterations=options.sense_iterations, per_map=True)
             description = (f"SENSE (ESPIRiT maps, CG, lambda {options.sense_lambda:g}, {lines} {source})")
         meta.update({"PISF_Method": "SENSE-l1" if options.sense_regulariser == "l1" else "SENSE",
                      "PISF_VirtualCoils": str(matrix.shape[0]),
-                     "PISF_DataConsistency": f"{sense_residual(image, coil_maps, measured, data.mask):.4f}"})
+                     "PISF_EspiritMaps": str(coil_maps.shape[0] if coil_maps.ndim == 4 else 1),
+                     "PISF_DataConsistency": f"{coil_residual(coil_images(image, coil_maps), measured, data.mask):.4f}"})
+        image = combine_maps(image)                 # two maps: RSS over the maps' images
         result = ClassicalImage("sense", np.abs(image).astype(np.float32), description, meta, image=image)
     meta["PISF_ReconMs"] = f"{(time.perf_counter() - started) * 1e3:.1f}"
     return result
@@ -161,7 +164,7 @@ class ClassicalRecon:
                                          sense_regulariser=str(regulariser), **counts)
         self.noted: set[str] = set()
         # the sense calibration (reconstruct_classical's): a reference_prep stage may prepare it ahead
-        self.recipe = (CalibrationRecipe(self.options.virtual_coils, SENSE_CALIBRATION_REGION)
+        self.recipe = (CalibrationRecipe(self.options.virtual_coils, SENSE_CALIBRATION_REGION, sense_options=True)
                        if self.method == "sense" else None)
         if self.recipe is not None:
             declare_recipe(context, self.recipe)

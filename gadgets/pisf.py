@@ -204,6 +204,10 @@ def guard_reasons(data: SliceData, partitions: int, reconstructor: PisfReconstru
     return reasons
 
 
+FOLDED_REASON = ("the object is larger than the field of view along phase encoding (a second ESPIRiT "
+                 "map carries signal); the model was trained with one map")
+
+
 def coil_acceleration_limit(metadata: dict, coils: int) -> tuple[int, float] | None:
     """(channels, highest trained R) of the `trained_coil_acceleration` entry ("channels:R,...",
     tools/training/export.py) that covers a slice with `coils` channels: the largest channel
@@ -285,7 +289,7 @@ class PisfRecon:
         self.ranges = trained_ranges(self.reconstructor.metadata)
         self.announced: set[str] = set()
         # what PisfReconstructor.calibrate computes: a reference_prep stage may prepare it ahead
-        self.recipe = (CalibrationRecipe(self.reconstructor.virtual_coils)
+        self.recipe = (CalibrationRecipe(self.reconstructor.virtual_coils, maps="auto")
                        if self.reconstructor.contract in SCAN_CALIBRATED else None)
         if self.recipe is not None:
             declare_recipe(context, self.recipe)
@@ -402,7 +406,14 @@ class PisfRecon:
         try:
             started.prepared_at = time.perf_counter()
             calibration = started.calibration = prepared_calibration(item, self.recipe)
-            ready = {"maps": calibration.maps_pair} if calibration is not None else {}
+            pair = (calibration.maps_pair if calibration is not None else
+                    self.reconstructor.calibrate(data.kspace, data.mask, data.reference_kspace, data.reference_lines,
+                                                 maps="auto") if self.reconstructor.scan_calibrated else None)
+            if pair is not None and pair[1].ndim == 4:     # two ESPIRiT maps carry signal: the model takes one
+                slot.release()
+                started.reasons = [("folded", FOLDED_REASON)]
+                return started
+            ready = {"maps": pair} if pair is not None else {}
             started.prepared = self.reconstructor.prepare_slice(data.kspace, data.mask, data.reference_kspace,
                                                                 data.reference_lines, **ready)
             self.context.check_cancelled("the network run of this slice")

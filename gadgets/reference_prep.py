@@ -38,7 +38,7 @@ import numpy as np
 
 from .context import StreamContext
 from .items import KSpaceSlice, ReferenceData
-from .numerics.calibration import compressed_maps
+from .numerics.calibration import compressed_maps, sense_calibration_options
 from .numerics.reference import MIN_CALIBRATION_REFERENCE_LINES, centre_region, reference_run
 from .slices import calibration_mode
 
@@ -56,11 +56,15 @@ class CalibrationRecipe:
     reconstruct_classical's; equal recipes on equal blocks give equal bytes."""
     virtual_coils: int
     region: tuple[int, int] | None = None
+    maps: int | str = 1              # "auto": two ESPIRiT maps where the object folds (PISF: the guard's sign)
+    sense_options: bool = False      # the sense chain's options (`sense_calibration_options`)
 
     def compute(self, block: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        lines = block.shape[1]
         if self.region is not None:
             block = centre_region(block, *self.region)
-        return compressed_maps(block, shape, self.virtual_coils)
+        options = sense_calibration_options(lines) if self.sense_options else {"maps": self.maps}
+        return compressed_maps(block, shape, self.virtual_coils, **options)
 
 
 class CalibrationTask:

@@ -36,6 +36,11 @@ class StubModel:
         self.virtual_coils, self.variant, self.coils = 16, "stub", 8
         self.session = SimpleNamespace(get_providers=lambda: ["CPUExecutionProvider"])
         self.fail, self.calls = fail, 0
+        self.scan_calibrated = self.contract in ("2", "3")
+
+    def calibrate(self, kspace, mask, reference_kspace=None, reference_lines=None, **options):
+        block, _, _ = reference_block(kspace, mask, reference_kspace, reference_lines)
+        return compressed_maps(block, kspace.shape[1:], self.virtual_coils, **options)
 
     def reconstruct_slice(self, kspace, mask, reference_kspace, reference_lines):
         self.calls += 1
@@ -49,7 +54,7 @@ class StubModel:
                                    maps=coil_maps)
 
     # the stage runs the core in three steps (the network step in the shared scheduler's batches)
-    def prepare_slice(self, kspace, mask, reference_kspace, reference_lines):
+    def prepare_slice(self, kspace, mask, reference_kspace, reference_lines, maps=None):
         if self.fail:
             self.calls += 1
             raise ValueError(self.fail)

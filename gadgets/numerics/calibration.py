@@ -38,6 +38,7 @@ DEFAULT_GRID = 64            # calibration grid points per axis (espirit_maps)
 SECOND_MAP_LEVEL = 0.9
 SECOND_MAP_SHARE = 0.05
 SECOND_MAP_RAMP = (0.8, 0.9)
+SECOND_MAP_ITERATIONS = 6    # deflated power iterations for the second vector (`second_eigenvectors`)
 
 
 def calibration_matrix(reference: np.ndarray, kernel: int) -> np.ndarray:
@@ -249,40 +250,68 @@ def top_eigenvectors(operator: np.ndarray, start: np.ndarray,
     return vector[..., 0], eigenvalue
 
 
-def top_two_eigenvectors(operator: np.ndarray, start: np.ndarray,
-                         iterations: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Orthogonal (block power) iteration on per-pixel matrices operator [py, px, C, C] with two
-    vectors per pixel: `start` [C, py, px] as the first, a fixed pseudo-random second (seeded:
-    same maps every run). Each step multiplies both vectors at once (one [C, C] x [C, 2] product
-    per pixel, which costs little more than [C, C] x [C, 1]) and orthonormalises the second
-    against the first, so the first column follows the same sequence as `top_eigenvectors`.
-    Returns (first column [py, px, C] and its Rayleigh quotient [py, px]: the one-map result,
-    the Ritz vectors [py, px, C, 2] and Ritz values [py, px, 2], descending). The second Ritz
-    pair converges at the rate lambda_3 / lambda_2: fast where a second sensitivity carries
-    signal (lambda_2 ~ 1, a folded object), arbitrary where lambda_2 is small (weighted out)."""
-    first = np.ascontiguousarray(np.moveaxis(start, 0, -1))                  # [py, px, C]
-    rng = np.random.default_rng(1)
-    second = rng.standard_normal(first.shape + (2,)).astype(np.float32).view(np.complex64)[..., 0]
-    block = np.stack([first, second], axis=-1)                               # [py, px, C, 2]
+def second_eigenvectors(operator: np.ndarray, first: np.ndarray, first_value: np.ndarray,
+                        iterations: int, start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The two leading eigenpairs of per-pixel matrices operator [py, px, C, C] given the first
+    from `top_eigenvectors` (first [py, px, C], first_value [py, px]): power iteration on the
+    deflated operator G - lambda_1 v1 v1^H from `start` [C, py, px] plus a little of a fixed
+    vector (that vector alone without a start), then
+    Rayleigh-Ritz on the span of both (2 x 2, closed form), which also separates the pair where
+    v1 had not converged (lambda_2 close to lambda_1). Returns (Ritz vectors [py, px, C, 2],
+    Ritz values [py, px, 2], descending).
+
+    The second vector converges at the rate lambda_3 / lambda_2: fast where a second sensitivity
+    carries signal (lambda_2 ~ 1, a folded object), slowly where lambda_2 is small (weighted out
+    there). Its Rayleigh quotient does not exceed lambda_2 (up to v1's own error), so the
+    `second_map_signal` rule does not fire on an unconverged vector. Deflation rather than a
+    [C, 2] block per pixel: the block's product cost as much as two products, and
+    `top_eigenvectors` stays the one-map path (its maps bit-identical whether or not the second
+    is computed)."""
     tiny = np.float32(1e-30)
+    first = first[..., None]                                                   # [py, px, C, 1]
+    coils = first.shape[-2]
+    # a fixed chirp over the coils (no pixel is orthogonal to it by accident of smoothness)
+    chirp = np.exp(1j * np.pi * np.arange(coils) ** 2 / coils).astype(np.complex64)[:, None]
+    if start is None:
+        second = np.broadcast_to(chirp, first.shape).copy()
+    else:
+        second = np.ascontiguousarray(np.moveaxis(start, 0, -1))[..., None] + np.float32(0.1) * chirp
 
-    def orthonormal(block):
-        a, b = block[..., 0], block[..., 1]
-        a = a / np.maximum(np.sqrt(np.sum(a.real ** 2 + a.imag ** 2, axis=-1, keepdims=True)), tiny)
-        b = b - a * np.sum(a.conj() * b, axis=-1, keepdims=True)
-        b = b / np.maximum(np.sqrt(np.sum(b.real ** 2 + b.imag ** 2, axis=-1, keepdims=True)), tiny)
-        return np.stack([a, b], axis=-1)
+    def orthonormalise(second):
+        second -= first * np.sum(first.conj() * second, axis=-2, keepdims=True)
+        second *= (1 / np.maximum(np.sqrt(squared_norm(second[..., 0])), tiny))[..., None, None]
+        return second
 
-    block = orthonormal(block)
-    for _ in range(iterations):
-        block = orthonormal(operator @ block)
-    applied = operator @ block
-    projected = block.conj().swapaxes(-1, -2) @ applied                      # [py, px, 2, 2]
-    first_value = projected[..., 0, 0].real
-    projected = (projected + projected.conj().swapaxes(-1, -2)) / 2
-    values, rotation = np.linalg.eigh(projected)                             # ascending
-    values, rotation = values[..., ::-1], rotation[..., ::-1]
-    return block[..., 0], first_value, block @ rotation.astype(np.complex64), values.astype(np.float32)
+    # deflated once (G - lambda_1 v1 v1^H): each step is then one product, as for the first vector;
+    # normalised every other step only (values shrink by lambda_2^2 < 1 in between, far from
+    # float32's denormals) and projected off v1 at the end
+    deflated = operator - (first_value[..., None, None] * first) * first.conj().swapaxes(-1, -2)
+    second = orthonormalise(second)
+    for step in range(iterations):
+        second = deflated @ second
+        if step % 2 == 1 or step == iterations - 1:
+            second = orthonormalise(second)
+    applied = operator @ second
+    p = first_value.astype(np.float64)
+    q = np.sum(applied.conj() * first, axis=(-2, -1)).conj()                   # v1^H G v2
+    r = np.sum(second.conj() * applied, axis=(-2, -1)).real
+    half_gap = np.sqrt(((p - r) / 2) ** 2 + np.abs(q) ** 2)
+    top, bottom = (p + r) / 2 + half_gap, (p + r) / 2 - half_gap
+    # top eigenvector of [[p, q], [q*, r]]: (top - r, q*) where p >= r, else (q, top - p): the
+    # larger of the two equivalent forms, so it never vanishes
+    a = np.where(p >= r, top - r, q).astype(np.complex64)
+    b = np.where(p >= r, np.conj(q), top - p).astype(np.complex64)
+    norm = np.maximum(np.sqrt(np.abs(a) ** 2 + np.abs(b) ** 2), tiny)
+    a, b = (a / norm)[..., None], (b / norm)[..., None]
+    first, second = first[..., 0], second[..., 0]
+    ritz = np.stack([a * first + b * second, -np.conj(b) * first + np.conj(a) * second], axis=-1)
+    return ritz, np.stack([top, bottom], axis=-1).astype(np.float32)
+
+
+def squared_norm(vectors: np.ndarray) -> np.ndarray:
+    """sum |v|^2 over the last axis of complex64 vectors [..., C] (contiguous along C)."""
+    view = vectors.view(np.float32) if vectors.flags.c_contiguous else np.ascontiguousarray(vectors).view(np.float32)
+    return np.einsum("...i,...i->...", view, view)
 
 
 def second_map_weight(eigenvalue: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -342,14 +371,13 @@ def periodic_cubic(values: np.ndarray, axis: int, n: int) -> np.ndarray:
 def espirit_maps(reference: np.ndarray, shape: tuple[int, int], kernel: int = DEFAULT_KERNEL,
                  threshold: float = DEFAULT_THRESHOLD, iterations: int = 12,
                  crop: float = 0.0, grid: int | None = DEFAULT_GRID,
-                 maps: int | str = 1) -> tuple[np.ndarray, np.ndarray]:
+                 maps: int | str = 1, second_iterations: int = SECOND_MAP_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
     """ESPIRiT sensitivities and eigenvalues from the reference block [C, ly, lx] (centred in
     k-space, any lx <= nx; the full readout width gives the sharpest maps). maps=1: maps
     [C, ny, nx] (complex64, unit root-sum-of-squares where the eigenvalue is > 0) and
     eigenvalues [ny, nx]. maps=2 (soft SENSE): maps [2, C, ny, nx] and eigenvalues [2, ny, nx]
     (`two_maps`). maps="auto": two where `second_map_signal` on the calibration grid reaches
-    SECOND_MAP_SHARE (a folded object), else one (the first vector of the same iteration, equal
-    to maps=1 up to float rounding).
+    SECOND_MAP_SHARE (a folded object), else one (then bit-identical to maps=1).
 
     The power iteration starts from the low-resolution coil images of the reference block (per
     pixel close to the sensitivities, i.e. to the first eigenvector): from a constant start, 12
@@ -376,10 +404,15 @@ def espirit_maps(reference: np.ndarray, shape: tuple[int, int], kernel: int = DE
     points = coarse_shape((ny, nx), grid)
     operator = image_space_operator(signal_kernels(reference, kernel, threshold), (ny, nx), points)
     start = low_resolution_start(reference, (ny, nx), points)
+    vector, eigenvalue = top_eigenvectors(operator, start, iterations)
     if maps == 1:
-        vector, eigenvalue = top_eigenvectors(operator, start, iterations)
         return one_map(vector, eigenvalue, (ny, nx), crop)
-    vector, eigenvalue, ritz_vectors, ritz_values = top_two_eigenvectors(operator, start, iterations)
+    # the second's start: the neighbours' low-resolution coil vectors. Where two parts of the
+    # object overlap, they mix the two sensitivities in other proportions than at the pixel,
+    # so they lie mostly in the two-dimensional signal subspace (brain16_folded, two-map SENSE
+    # at 6 iterations: 0.0-0.2 dB below 12, against 0.0-0.6 dB from a random start)
+    second_start = np.roll(start, 1, axis=1) + 1j * np.roll(start, 1, axis=2)
+    ritz_vectors, ritz_values = second_eigenvectors(operator, vector, eigenvalue, second_iterations, second_start)
     if maps == "auto" and second_map_signal(np.moveaxis(ritz_values, -1, 0)) < SECOND_MAP_SHARE:
         return one_map(vector, eigenvalue, (ny, nx), crop)
     return two_maps(ritz_vectors, ritz_values, (ny, nx), crop)
@@ -422,36 +455,81 @@ def two_maps(vectors: np.ndarray, values: np.ndarray, shape: tuple[int, int], cr
     unique, only their span is, so they cannot be interpolated one by one. What is smooth is the
     weighted projector P = v1 v1^H + w v2 v2^H (w = `second_map_weight` of lambda_2), and the maps
     are its Cholesky factor with coil 0 as the first pivot: map 1 = P e_0 / |P e_0| (the one-map
-    rule where w = 0), map 2 = the residual column R e_j of R = P - map1 map1^H (rank one, trace w),
-    scaled to norm sqrt(w). Interpolated are three columns of P (e_0 and the two coils j whose
-    residual is largest on the calibration grid; each image pixel takes the j with the larger
-    R_jj): 3 C values per calibration point, against C for one map. For Tikhonov SENSE only
-    S S^H = P matters (the RSS over the maps' images is invariant under any per-pixel unitary
-    mixing of the maps), so the choice of pivot per pixel does not change the image."""
+    rule where w = 0), map 2 = a column R e_j of R = P - map1 map1^H (rank one, trace w), scaled
+    to norm sqrt(w). Interpolated are P e_0 (as for one map) and R e_j for the two coils j whose
+    R_jj is largest on the calibration grid (each image pixel takes the j with the larger R_jj,
+    so no pivot vanishes), the latter only on the rows where w > 0 (R = 0 elsewhere): the folded
+    band, ~30 % of the rows on the folded dev sets. For Tikhonov SENSE only S S^H = P matters (the
+    RSS over the maps' images is invariant under any per-pixel unitary mixing of the maps), so
+    the choice of pivot per pixel does not change the image."""
     ny, nx = shape
     first, second = vectors[..., 0], vectors[..., 1]                          # [py, px, C]
     weight = second_map_weight(values[..., 1], *ramp)[..., None]
+    projector_first = first * first[..., :1].conj() + weight * second * second[..., :1].conj()   # P e_0
+    projector_first[..., 0] = projector_first[..., 0].real
+    coarse_map = projector_first / np.maximum(np.linalg.norm(projector_first, axis=-1, keepdims=True), 1e-30)
 
-    def column(j):                                                            # P e_j [py, px, C]
-        return first * first[..., j:j + 1].conj() + weight * second * second[..., j:j + 1].conj()
+    def residual_column(j):                                                   # R e_j [py, px, C]
+        return (first * first[..., j:j + 1].conj() + weight * second * second[..., j:j + 1].conj()
+                - coarse_map * coarse_map[..., j:j + 1].conj())
 
-    coarse_first = column(0)
-    coarse_first[..., 0] = coarse_first[..., 0].real
-    coarse_map = coarse_first / np.maximum(np.linalg.norm(coarse_first, axis=-1, keepdims=True), 1e-30)
-    residual_diagonal = (np.abs(first) ** 2 + weight * np.abs(second) ** 2 - np.abs(coarse_map) ** 2)
-    pivots = np.argsort(residual_diagonal.reshape(-1, first.shape[-1]).sum(axis=0))[::-1][:2]
-    columns = np.stack([coarse_first] + [column(int(j)) for j in pivots])      # [3, py, px, C]
-    columns = to_image_grid(np.moveaxis(columns, -1, 1), (ny, nx))            # [3, C, ny, nx]
-    eigenvalues = to_image_grid(np.moveaxis(values, -1, 0), (ny, nx))         # [2, ny, nx]
-    map_first = unit_projector_column(columns[0])
-    residual = [columns[i + 1] - map_first * map_first[int(j)].conj()[None] for i, j in enumerate(pivots)]
-    diagonal = np.stack([r[int(j)].real for r, j in zip(residual, pivots)])
-    chosen = np.where((diagonal[0] >= diagonal[1])[None], residual[0], residual[1])
+    residual_diagonal = np.abs(first) ** 2 + weight * np.abs(second) ** 2 - np.abs(coarse_map) ** 2
+    pivots = [int(j) for j in np.argsort(residual_diagonal.reshape(-1, first.shape[-1]).sum(axis=0))[::-1][:2]]
+    map_first = unit_projector_column(to_image_grid(np.moveaxis(projector_first, -1, 0), shape))
+    eigenvalues = to_image_grid(np.moveaxis(values, -1, 0), shape)            # [2, ny, nx]
+    band = np.any(weight[..., 0] > 0, axis=1)                                 # calibration rows with w > 0
+    columns = np.moveaxis(np.stack([residual_column(j) for j in pivots]), -1, 1)   # [2, C, py, px]
+    columns = band_to_image_grid(columns, band, shape)                        # [2, C, ny, nx]
+    diagonal = np.stack([columns[i, j].real for i, j in enumerate(pivots)])
+    chosen = np.where((diagonal[0] >= diagonal[1])[None], columns[0], columns[1])
     norm = np.sqrt(np.sum(chosen.real ** 2 + chosen.imag ** 2, axis=0))
     map_second = chosen * (np.sqrt(second_map_weight(eigenvalues[1], *ramp)) / np.maximum(norm, 1e-30))
     if crop > 0:
         map_first = map_first * (eigenvalues[0] > crop)
     return np.stack([map_first, map_second]).astype(np.complex64), eigenvalues.astype(np.float32)
+
+
+def band_to_image_grid(values: np.ndarray, rows: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """`to_image_grid` of values [..., py, px] that are zero outside the calibration rows `rows`
+    (bool [py]): only those rows along x and only the image rows whose cubic taps touch them
+    along y are computed (the rest stays zero)."""
+    ny, nx = shape
+    points = values.shape[-2]
+    out = np.zeros(values.shape[:-2] + (ny, nx), dtype=np.result_type(values, np.float32))
+    if not rows.any():
+        return out
+    along_x = np.zeros(values.shape[:-1] + (nx,), dtype=out.dtype)
+    along_x[..., rows, :] = periodic_cubic(values[..., rows, :], values.ndim - 1, nx)
+    position = np.arange(ny) * (points / ny)
+    base = np.floor(position).astype(np.int64)
+    taps = (base[:, None] + np.arange(-1, 3)[None, :]) % points              # [ny, 4]
+    needed = np.flatnonzero(rows[taps].any(axis=1))
+    weights = cubic_weights(position[needed] - base[needed])                  # [rows, 4]
+    result = along_x[..., taps[needed, 0], :] * weights[:, 0, None]
+    for tap in range(1, 4):
+        result += along_x[..., taps[needed, tap], :] * weights[:, tap, None]
+    out[..., needed, :] = result
+    return out
+
+
+def calibration_kernel(reference_lines: int) -> int:
+    """ESPIRiT kernel size for a reference block of `reference_lines` lines: DEFAULT_KERNEL from
+    12 lines up, else max(3, lines // 2 - 1) (10 lines: 4, 8: 3, 7: 3). A 6 x 6 kernel on fewer
+    than 12 lines leaves too few patches along phase encoding for its 36 C unknowns: SENSE
+    (lam 0.01) on brain16 R8 (8 lines) 19.6 / 21.0 dB (equispaced / random) with 6, 22.6 / 24.3
+    with 3; brain16_folded R5 (10 lines, two maps) 19.0 -> 28.5 dB with 4, R6 (7 lines) 15.4 ->
+    25.9 with 3; at 12 lines (brain16 R5-R6) 4-6 are within 0.2 dB. The sense chain's rule;
+    the PISF contracts keep the 6 x 6 kernel they were trained with (models/CONTRACT.md)."""
+    if reference_lines >= 12:
+        return DEFAULT_KERNEL
+    return max(3, int(reference_lines) // 2 - 1)
+
+
+def sense_calibration_options(reference_lines: int) -> dict:
+    """`espirit_maps` options of the sense chain's calibration (and of its use as the PISF
+    fallback) for a reference block of `reference_lines` lines: `calibration_kernel`'s kernel
+    and two maps where the second carries signal (maps="auto")."""
+    return {"maps": "auto", "kernel": calibration_kernel(reference_lines)}
 
 
 def sensitivities(calibration_kspace: np.ndarray, reference_lines: np.ndarray,

@@ -284,15 +284,16 @@ class PisfReconstructor:
         return self.reconstruct_slice(kspace, mask, reference_kspace, reference_lines).magnitude
 
     def calibrate(self, kspace: np.ndarray, mask: np.ndarray, reference_kspace: np.ndarray | None = None,
-                  reference_lines: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  reference_lines: np.ndarray | None = None, **options) -> tuple[np.ndarray, np.ndarray]:
         """Contract 2's calibration (CONTRACT.md steps 1-3): (compression matrix [V, coils],
-        ESPIRiT maps [V, ky, kx]) from the reference block; ValueError with too few lines."""
+        ESPIRiT maps [V, ky, kx]) from the reference block; ValueError with too few lines.
+        options: `espirit_maps`' (maps="auto": [2, V, ky, kx] where the object folds, for the guard)."""
         block, lines, _ = reference_block(kspace, mask, reference_kspace, reference_lines)
         if lines < MIN_CALIBRATION_REFERENCE_LINES:
             raise ValueError(f"the scan carries {lines} contiguous reference lines; the "
                              f"scan-calibrated PISF model needs at least {MIN_CALIBRATION_REFERENCE_LINES} to "
                              "calibrate its coil maps")
-        return compressed_maps(block, np.asarray(kspace).shape[1:], self.virtual_coils)
+        return compressed_maps(block, np.asarray(kspace).shape[1:], self.virtual_coils, **options)
 
     def reconstruct_image(self, kspace: np.ndarray, mask: np.ndarray,
                           reference_kspace: np.ndarray | None = None,
