@@ -4,16 +4,23 @@ glibc's malloc keeps freed memory in its arenas (one per thread that allocated, 
 core) and returns it to the system only when the top of the heap is free. A server that ran
 16 scans at once keeps their peak: retention, not a leak. Two levers:
 
-- `hand_back()`: malloc_trim(0) returns the free pages of every arena (madvise), called when
-  a connection ends;
+- `hand_back()`: a garbage collection first (a finished stream's arrays held in reference
+  cycles, generators and tracebacks, are freed only by the collector), then malloc_trim(0),
+  which returns the free pages of every arena (madvise); called when a connection ends;
 - `limit_arenas(n)`: mallopt(M_ARENA_MAX, n) caps how many arenas threads created afterwards
   share, so fewer half-empty arenas hold freed memory (set at server start, before the
   connection threads).
+
+Measured (`pisf bench --chains pisf --slices 4 --connections 16 --after-idle 10`, shared 2-core
+machine; RSS before the load / peak / 10 s after, MiB): neither 233 / 974 / 912; malloc_trim
+alone 190 / 810 / 448; the collection alone 268 / 864 / 426; both 161 / 847 / 188; both with 2
+arenas 160 / 664 / 166. Both steps are needed; the arena cap lowers the peak.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import threading
 
@@ -43,6 +50,7 @@ def _glibc():
 
 def hand_back() -> bool:
     """Return freed heap pages to the system; True when glibc released something."""
+    gc.collect()
     libc = _glibc()
     if libc is None:
         return False

@@ -50,7 +50,7 @@ _ABORT = object()  # the client is gone: open slices are dropped, not flushed
 _NOTHING = object()  # the client ended (between frames) before sending data
 _TCP_CLOSE = 7       # tcpi_state of a connection the peer reset (Linux include/net/tcp_states.h)
 WATCH_S = 0.1        # how often a connection whose input is all read is checked for a reset
-DEFAULT_MALLOC_ARENAS = 0  # `pisf serve --malloc-arenas`; see gadgets/wire/memory.py and README
+DEFAULT_MALLOC_ARENAS = 2  # `pisf serve --malloc-arenas`: 16 clients x 4 slices peak RSS 680 vs 810-847 MiB with glibc's 16 (gadgets/wire/memory.py)
 
 
 _connection_ids = itertools.count(1)

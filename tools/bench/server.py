@@ -15,7 +15,8 @@ replayed dataset, with the grappa and sense chains' cores timed on the very same
 (`--chains zerofill pisf grappa sense pisf_compare` replays those chains too); `--realtime`: lines paced by their time stamps, latency over the scan (flat or
 growing?) and the real-time factor; `--soak N`: N slices replayed back to back with the
 server RSS sampled after each replay; `--connections N ...`: N clients replaying the simulated
-scan at once (peak server RSS, latency, and every image against one connection's). Writes
+scan at once (peak server RSS, latency, every image against one connection's, and the RSS
+before the load and `--after-idle S` seconds after it: is the memory handed back?). Writes
 bench.md, bench.json and bench.png (the plot needs matplotlib: `pip install -e .[bench]`;
 skipped with a message without it).
 """
@@ -398,17 +399,19 @@ def _markdown_concurrent(report: dict) -> list[str]:
     lines = ["", "## Concurrent connections replaying the simulated scan at once", "",
              "Images equal: bit-identical to the same scan replayed through one connection alone.", "",
              "| chain | connections | images (equal / expected) | server p50 / p95 ms | slices/s | peak RSS MiB "
-             "| slices per network batch |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "| RSS before / after idle MiB | slices per network batch |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         if row.get("failure"):
-            lines.append(f"| {row['chain']} | {row['connections']} | FAILED: {row['failure']} |||||")
+            lines.append(f"| {row['chain']} | {row['connections']} | FAILED: {row['failure']} ||||||")
             continue
         s = row["server_latency_ms"]
         batches = ", ".join(f"{size}: {count}" for size, count in sorted(row["batch_slices"].items()))
         lines.append(f"| {row['chain']} | {row['connections']} | {row['images_equal']} / {row['images_expected']} "
                      f"| {_fmt(s['p50'])} / {_fmt(s['p95'])} | {_fmt(row['slices_per_s'], '.2f')} "
-                     f"| {_fmt(row['peak_rss_mib'], '.0f')} | {batches or '-'} |")
+                     f"| {_fmt(row['peak_rss_mib'], '.0f')} | {_fmt(row.get('rss_before_mib'), '.0f')} / "
+                     f"{_fmt(row.get('rss_after_idle_mib'), '.0f')} ({_fmt(row.get('after_idle_s'), '.0f')} s) "
+                     f"| {batches or '-'} |")
     return lines
 
 
@@ -526,7 +529,8 @@ def plot(report: dict, path: Path) -> str | None:
 def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None = None, slices: int = 10,
               matrix: int = 256, coils: int = 8, accel: int = 4, acs: int = 24, use_shared: bool = True,
               bart_slices: int = 3, realtime: bool = False, realtime_slices: int = 50, tr_ms: float = 8.0,
-              soak: int = 0, min_images: int = 10, soak_minutes: float = 0.0, connections=(), log=print) -> dict:
+              soak: int = 0, min_images: int = 10, soak_minutes: float = 0.0, connections=(), after_idle_s: float = 10.0,
+              log=print) -> dict:
     """Simulate (and take the shared real raw file), start a server, replay every dataset through
     every chain unpaced, optionally paced and as a soak, then time BART; write bench.json/.md/.png."""
     from gadgets.wire.client import read_raw
@@ -537,7 +541,7 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
                     "settings": dict(chains=list(chains), model=model, slices=slices, matrix=matrix, coils=coils,
                                      accel=accel, acs=acs, realtime=realtime, realtime_slices=realtime_slices,
                                      tr_ms=tr_ms, soak=soak, soak_minutes=soak_minutes,
-                                     connections=list(connections)),
+                                     connections=list(connections), after_idle_s=after_idle_s),
                     "runs": []}
     datasets, rt_path = _bench_data(out, raws, use_shared, slices, matrix, coils, accel, acs, realtime,
                                     realtime_slices, tr_ms, log)
@@ -551,7 +555,7 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
         for name, _ in datasets:
             for chain in chains:
                 report["runs"].append(live.unpaced(name, *loaded[name], chain, min_images))
-        report["concurrent"] = [live.concurrent(*loaded["simulated"], chain, n)
+        report["concurrent"] = [live.concurrent(*loaded["simulated"], chain, n, after_idle_s)
                                 for chain in chains for n in connections]
         if rt_path is not None:
             report["realtime"] = live.realtime(rt_path, chains, realtime_slices, tr_ms)
@@ -633,9 +637,11 @@ class LiveServer:
                  f"{entry['peak_rss_mib']:.0f} MiB" + (f"; FAILED: {failure}" if failure else ""))
         return entry
 
-    def concurrent(self, header: str, acquisitions: list, chain: str, connections: int) -> dict:
+    def concurrent(self, header: str, acquisitions: list, chain: str, connections: int,
+                   after_idle_s: float = 10.0) -> dict:
         """`connections` clients replaying the scan at once: peak RSS, latency, slices per network
-        batch (PISF_BatchSlices), and every image compared with a replay through one connection."""
+        batch (PISF_BatchSlices), every image compared with a replay through one connection, and
+        the RSS before the load (after that replay: models warm) and `after_idle_s` after it."""
         from gadgets.wire.client import replay
 
         entry = {"chain": chain, "connections": connections}
@@ -645,6 +651,8 @@ class LiveServer:
             return entry
         reference = {_image_key(r.image): r.image.data for r in alone["result"].images}
         results: list = [None] * connections
+        time.sleep(1.0)  # the single connection's session ends just after its CLOSE
+        rss_before = rss_bytes(self.pid) or 0
 
         def one(k: int) -> None:
             results[k] = replay(None, "127.0.0.1", self.port, chain, config_text=self.config_texts[chain],
@@ -658,18 +666,23 @@ class LiveServer:
         for client in clients:
             client.join()
         wall, peak = time.monotonic() - started, sampler.stop()
+        time.sleep(after_idle_s)
+        rss_after = rss_bytes(self.pid) or 0
         received = [r.image for result in results for r in result.images]
         failures = [e for result in results for e in result.errors + ([result.error] if result.error else [])]
         equal = sum(np.array_equal(image.data, reference.get(_image_key(image))) for image in received)
         sizes = [_meta_str(image, "PISF_BatchSlices") or "-" for image in received]
         entry.update(summarise([row for result in results for row in image_rows(result)], wall, peak),
                      images_expected=connections * len(reference), images_equal=int(equal),
-                     batch_slices={size: sizes.count(size) for size in set(sizes)})
+                     batch_slices={size: sizes.count(size) for size in set(sizes)},
+                     rss_before_mib=rss_before / 2 ** 20, rss_after_idle_mib=rss_after / 2 ** 20,
+                     after_idle_s=after_idle_s)
         if failures:
             entry["failure"] = "; ".join(failures[:3])
         self.log(f"{connections} connections / {chain}: {equal} of {entry['images_expected']} images equal to one "
                  f"connection's, server p50 {_fmt(entry['server_latency_ms']['p50'])} ms, "
-                 f"{_fmt(entry['slices_per_s'], '.2f')} slices/s, peak RSS {entry['peak_rss_mib']:.0f} MiB")
+                 f"{_fmt(entry['slices_per_s'], '.2f')} slices/s, peak RSS {entry['peak_rss_mib']:.0f} MiB, "
+                 f"RSS before {rss_before / 2 ** 20:.0f} MiB, {after_idle_s:.0f} s after {rss_after / 2 ** 20:.0f} MiB")
         return entry
 
     def realtime(self, rt_path: Path, chains, realtime_slices: int, tr_ms: float) -> dict:
@@ -795,6 +808,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, nargs="+", default=[], metavar="N",
                         help="also replay the simulated scan through N connections at once (peak RSS, latency, "
                              "images against one connection's), for each N given")
+    parser.add_argument("--after-idle", type=float, default=10.0, metavar="S",
+                        help="with --connections: read the server's RSS S seconds after the load ends (is memory "
+                             "handed back?) (default: %(default)s)")
     parser.add_argument("--min-images", type=int, default=10,
                         help="replay each dataset until at least this many images were measured")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
@@ -808,7 +824,8 @@ def run(args: argparse.Namespace) -> int:
                        matrix=args.matrix, coils=args.coils, accel=args.accel, acs=args.acs,
                        use_shared=not args.no_shared, bart_slices=args.bart_slices, realtime=args.realtime,
                        realtime_slices=args.realtime_slices, tr_ms=args.tr, soak=args.soak,
-                       min_images=args.min_images, soak_minutes=args.soak_minutes, connections=args.connections)
+                       min_images=args.min_images, soak_minutes=args.soak_minutes, connections=args.connections,
+                       after_idle_s=args.after_idle)
     print()
     print(markdown(report))
     failed = [r for r in report["runs"] if r.get("failure")]
