@@ -5,7 +5,7 @@ it. The reference lines are a contiguous block of fully sampled ky lines around 
 centre (embedded ACS lines, a separate reference scan, or interleaved calibration lines: the
 caller passes the calibration k-space and which ky lines hold reference data).
 
-ESPIRiT (Uecker et al., MRM 2014), first map only, computed in the fast way:
+ESPIRiT (Uecker et al., MRM 2014), computed in the fast way:
 1. calibration matrix of all k x k patches of the reference block (all coils), keep the
    right singular vectors above `threshold` x the largest singular value (the signal subspace);
 2. the image-domain operator of that subspace is, per pixel, a C x C matrix G(r) whose entries
@@ -16,9 +16,23 @@ ESPIRiT (Uecker et al., MRM 2014), first map only, computed in the fast way:
    G is a trigonometric polynomial of degree k - 1 per axis and the maps are smooth, so steps 2-3
    run on a coarse grid (every f-th pixel, at least DEFAULT_GRID points per axis) and the maps are
    interpolated onto the image grid (`espirit_maps`, grid=None: every pixel).
+4. two maps (soft SENSE, `espirit_maps(maps=2 | "auto")`): the second eigenvector by deflated
+   power iteration on the same coarse-grid operator (`second_eigenvectors`), and the maps as the
+   Cholesky factor of the eigenvalue-weighted projector (`two_maps`). Where the object is larger
+   than the field of view along phase encoding, the coil images of an aliased pixel mix two
+   sensitivities and G(r) has two eigenvalues ~1; one map cannot represent that.
+   Rule (`second_map_signal`): share of the object (lambda_1 > 0.9) where lambda_2 > 0.9, on the
+   calibration grid, with the sense chain's kernel (`calibration_kernel`). Measured on every
+   case of the dev sets: 0.000 on phantom, cimax, brain16_4ch, phantom_4ch, <= 0.030 on brain16
+   (R 8, 8 lines; 0 elsewhere; largest lambda_2 0.70-0.96), 0.126-0.201 on brain16_folded and
+   0.180-0.203 on phantom_folded: two maps from SECOND_MAP_SHARE = 0.07 up.
+   Cost (one thread, CPU time, minimum of 25, 24 x 64 reference blocks; shared machine): one
+   map 12-125 ms, two maps 1.05-1.67x, maps="auto" where one map results 1.0-1.5x (timings in
+   the issue 18 report).
 No eigenvalue crop by default: on in-vivo brain data a crop at 0.9 cost 10 dB in SENSE (it zeroes
 maps inside the head where the eigenvalue dips), while the regularised solvers keep the
-background small anyway.
+background small anyway. Re-measured for issue 18 (SENSE l2, every dev case): no crop level wins
+on every case (see `espirit_maps`' crop).
 """
 from __future__ import annotations
 
@@ -33,10 +47,10 @@ DEFAULT_GRID = 64            # calibration grid points per axis (espirit_maps)
 # Two maps (soft SENSE): a pixel counts towards the second map's signal where its second
 # eigenvalue exceeds SECOND_MAP_LEVEL, and `espirit_maps(maps="auto")` returns two maps when
 # that area is at least SECOND_MAP_SHARE of the object (`second_map_signal`; measured values in
-# the module docstring). The second map is weighted by its eigenvalue: 0 below SECOND_MAP_RAMP[0],
+# the module docstring, step 4). The second map is weighted by its eigenvalue: 0 below SECOND_MAP_RAMP[0],
 # 1 above SECOND_MAP_RAMP[1] (`second_map_weight`).
 SECOND_MAP_LEVEL = 0.9
-SECOND_MAP_SHARE = 0.05
+SECOND_MAP_SHARE = 0.07
 SECOND_MAP_RAMP = (0.8, 0.9)
 SECOND_MAP_ITERATIONS = 6    # deflated power iterations for the second vector (`second_eigenvectors`)
 
