@@ -21,7 +21,7 @@ import yaml
 
 from gadgets.chain import GADGETS, ChainRepository
 from gadgets.context import InputError
-from gadgets.wire import protocol
+from gadgets.wire import memory, protocol
 from gadgets.wire.budget import ByteBudget, item_bytes
 from gadgets.wire.server import ReconServer
 from gadgets.wire.validate import AcquisitionValidator
@@ -219,3 +219,13 @@ def test_a_queue_over_its_budget_pushes_back_and_loses_nothing(monkeypatch):
     finally:
         Gate.opened.set()
         server.shutdown(wait_s=5)
+
+
+def test_memory_is_handed_back_by_the_last_connection_and_rarely_while_others_run(monkeypatch):
+    runs = []
+    monkeypatch.setattr(memory, "hand_back", lambda: runs.append(time.monotonic()))
+    monkeypatch.setattr(memory, "_last_hand_back", [0.0])
+    assert memory.connection_ended(others_active=3)          # none for long: runs
+    assert not memory.connection_ended(others_active=2)      # others run, just ran: they are spared the pause
+    assert memory.connection_ended(others_active=0)          # the last one out always hands back
+    assert len(runs) == 2

@@ -6,7 +6,8 @@ core) and returns it to the system only when the top of the heap is free. A serv
 
 - `hand_back()`: a garbage collection first (a finished stream's arrays held in reference
   cycles, generators and tracebacks, are freed only by the collector), then malloc_trim(0),
-  which returns the free pages of every arena (madvise); called when a connection ends;
+  which returns the free pages of every arena (madvise); called when the last connection
+  ends, and at most every few seconds while others run (`connection_ended`);
 - `limit_arenas(n)`: mallopt(M_ARENA_MAX, n) caps how many arenas threads created afterwards
   share, so fewer half-empty arenas hold freed memory (set at server start, before the
   connection threads).
@@ -23,6 +24,7 @@ import ctypes.util
 import gc
 import logging
 import threading
+import time
 
 log = logging.getLogger("pisf.memory")
 M_ARENA_MAX = -8  # glibc malloc.h
@@ -50,11 +52,27 @@ def _glibc():
 
 def hand_back() -> bool:
     """Return freed heap pages to the system; True when glibc released something."""
+    started = time.monotonic()
     gc.collect()
     libc = _glibc()
-    if libc is None:
+    released = bool(libc.malloc_trim(0)) if libc is not None else False
+    log.debug("memory handed back in %.0f ms (trim released pages: %s)", (time.monotonic() - started) * 1000, released)
+    return released
+
+
+HAND_BACK_INTERVAL_S = 3.0  # while other connections run: a collection holds the GIL 40-120 ms here
+_last_hand_back = [0.0]
+
+
+def connection_ended(others_active: int) -> bool:
+    """After a connection ends: hand memory back when it was the last one; while others still
+    run, at most every HAND_BACK_INTERVAL_S (they wait for the collection). True when it ran."""
+    now = time.monotonic()
+    if others_active and now - _last_hand_back[0] < HAND_BACK_INTERVAL_S:
         return False
-    return bool(libc.malloc_trim(0))
+    _last_hand_back[0] = now
+    hand_back()
+    return True
 
 
 def limit_arenas(count: int) -> bool:

@@ -422,7 +422,7 @@ class ReconServer:
                 self.slots.release()
                 self.sessions.discard(threading.current_thread())
                 log.info("%s: closed", name)
-                memory.hand_back()
+                memory.connection_ended(others_active=len(self.sessions))
 
     def _converse(self, sock: socket.socket, sender: _Sender) -> None:
         """One client's conversation: the opening (config, header, the client's JSON), the scan,
