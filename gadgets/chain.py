@@ -33,6 +33,7 @@ GADGETS = {
     "pisf_recon": "gadgets.pisf:PisfRecon",
     "grappa_recon": "gadgets.classical:GrappaRecon",
     "sense_recon": "gadgets.classical:SenseRecon",
+    "classical_recon": "gadgets.classical:ClassicalChoiceRecon",
     "image_finish": "gadgets.finish:ImageFinish",
 }
 

@@ -27,18 +27,21 @@ from .items import KSpaceSlice, Notice, ReconImage
 from .numerics.calibration import compressed_maps, sense_calibration_options
 from .numerics.coils import coil_compression_matrix, compress, root_sum_of_squares
 from .numerics.fft import ifftc
-from .numerics.grappa import DEFAULT_KX_TAPS, DEFAULT_KY_SOURCES, grappa_fill
+from .numerics.grappa import DEFAULT_KX_TAPS, DEFAULT_KY_SOURCES, grappa_fill, grappa_weakness
 from .numerics.quality import coil_residual
 from .numerics.reference import MIN_CALIBRATION_REFERENCE_LINES, centre_region
+from .numerics.regularisation import choose_lambda
 from .numerics.sampling import sampling_of
 from .numerics.sense import coil_images, combine_maps, sense_l1_wavelet, sense_tikhonov
 from .numerics.sense_2d import sense_2d
 from .reference_prep import CalibrationRecipe, declare_recipe, prepared_calibration
-from .slices import SliceData, acs_as_data_default, partitions
+from .slices import SliceData, acs_as_data_default, partitions, slice_data
 
 METHODS = ("grappa", "sense")
+CHOICES = METHODS + ("classical",)      # classical: GRAPPA or SENSE per slice geometry (choose_method)
 DEFAULT_GRAPPA_LAMBDA = 1e-2
-DEFAULT_SENSE_LAMBDA = 1e-2
+DEFAULT_SENSE_LAMBDA = "auto"              # per scan (numerics/regularisation.py); a number: fixed
+FIXED_SENSE_LAMBDA = 1e-2                 # the fixed default before automatic regularisation
 DEFAULT_SENSE_ITERATIONS = 30
 DEFAULT_SENSE_L1_LAMBDA = 2e-3           # relative to max |A^H y|
 DEFAULT_SENSE_L1_ITERATIONS = 60
@@ -49,7 +52,7 @@ DEFAULT_VIRTUAL_COILS = 16
 # with 49 reference lines x 192 samples the full block took 4 s, as long as BART's whole recon).
 # On the real datasets the cropped maps gave the same SENSE PSNR within 0.1 dB (brain R8 0.4 dB).
 SENSE_CALIBRATION_REGION = (32, 64)
-SERIES = {"zero-filled": 1, "grappa": 3, "sense": 4}      # pisf is 2
+SERIES = {"zero-filled": 1, "grappa": 3, "sense": 4, "classical": 5}      # pisf is 2
 NAMES = {"grappa": "GRAPPA", "sense": "SENSE", "zero-filled": "zero-filled"}
 
 
@@ -69,7 +72,7 @@ class ClassicalOptions:
     grappa_lambda: float = DEFAULT_GRAPPA_LAMBDA
     ky_sources: int = DEFAULT_KY_SOURCES
     kx_taps: int = DEFAULT_KX_TAPS
-    sense_lambda: float = DEFAULT_SENSE_LAMBDA
+    sense_lambda: float | str = DEFAULT_SENSE_LAMBDA     # "auto" or a number
     sense_iterations: int = DEFAULT_SENSE_ITERATIONS
     sense_regulariser: str = "l2"
     sense_l1_lambda: float = DEFAULT_SENSE_L1_LAMBDA
@@ -82,9 +85,16 @@ def reconstruct_classical(data: SliceData, method: str, options: ClassicalOption
     """GRAPPA or SENSE image of one slice; zero-filled (with a note saying why) when the slice
     has too few reference lines to calibrate. maps: (compression matrix, ESPIRiT maps) already
     computed by `compressed_maps` on this slice's reference block (SENSE reuses them)."""
-    if method not in METHODS:
-        raise ValueError(f"classical method {method!r}; known: {', '.join(METHODS)}")
+    if method not in CHOICES:
+        raise ValueError(f"classical method {method!r}; known: {', '.join(CHOICES)}")
     options = options or ClassicalOptions()
+    if method == "classical":
+        chosen, why = choose_method(data, options)
+        result = reconstruct_classical(data, chosen, options, maps=maps if chosen == "sense" else None)
+        if result.method != "zero-filled":
+            result.meta["PISF_MethodChoice"] = f"{result.meta['PISF_Method']}: {why}"
+            result.description = f"{result.description}; chosen: {why}"
+        return result
     started = time.perf_counter()
     block, lines, source = data.reference_block()
     meta = {"PISF_Acceleration": f"{data.acceleration:.2f}", "PISF_ReferenceLines": str(lines)}
@@ -116,9 +126,12 @@ def reconstruct_classical(data: SliceData, method: str, options: ClassicalOption
             description = (f"SENSE-l1 (ESPIRiT maps, Haar wavelets, FISTA, lambda {options.sense_l1_lambda:g}, "
                            f"{lines} {source})")
         else:
-            image = sense_tikhonov(ifftc(measured, axes=(-1,)), data.mask, coil_maps, lam=options.sense_lambda,
-                                   iterations=options.sense_iterations, per_map=True)
-            description = (f"SENSE (ESPIRiT maps, CG, lambda {options.sense_lambda:g}, {lines} {source})")
+            hybrid = ifftc(measured, axes=(-1,))
+            lam, chosen_by = sense_lambda(hybrid, data.mask, coil_maps, options.sense_lambda)
+            image = sense_tikhonov(hybrid, data.mask, coil_maps, lam=lam, iterations=options.sense_iterations,
+                                   per_map=True)
+            description = f"SENSE (ESPIRiT maps, CG, lambda {lam:.3g} {chosen_by}, {lines} {source})"
+            meta.update({"PISF_Lambda": f"{lam:.4g}", "PISF_LambdaChoice": chosen_by})
         meta.update({"PISF_Method": "SENSE-l1" if options.sense_regulariser == "l1" else "SENSE",
                      "PISF_VirtualCoils": str(matrix.shape[0]),
                      "PISF_EspiritMaps": str(coil_maps.shape[0] if coil_maps.ndim == 4 else 1),
@@ -129,19 +142,68 @@ def reconstruct_classical(data: SliceData, method: str, options: ClassicalOption
     return result
 
 
-def classical_options(lam: float | None, method: str, **options) -> ClassicalOptions:
+def reference_is_data(data: SliceData) -> bool:
+    """The slice's reference lines are among its image lines (embedded ACS, or no reference lines:
+    the fully sampled centre of the image lines), not a separate reference that only calibrates."""
+    if not data.has_reference_lines():
+        return True
+    return bool(np.all(data.mask[np.asarray(data.reference_lines, dtype=bool)] > 0.5))
+
+
+def choose_method(data: SliceData, options: ClassicalOptions) -> tuple[str, str]:
+    """(grappa | sense, why) for one slice: the `classical` chain's rule, measured on the dev
+    cases (README "Classical chains vs BART"): SENSE-l1 when the l1 regulariser is asked for;
+    SENSE where GRAPPA is weak by geometry (`grappa_weakness`: an irregular mask, too few coils
+    for the gap between the outer lines, more needed with an embedded centre); GRAPPA on regular
+    patterns with coils to spare, where its kernels, calibrated on this scan's own reference
+    lines, beat SENSE's maps (most with a separate reference: the image lines have no centre)."""
+    if options.sense_regulariser == "l1":
+        return "sense", "l1 regulariser asked for"
+    weak = grappa_weakness(data.mask, min(data.coils, options.virtual_coils), reference_is_data(data))
+    if weak:
+        return "sense", f"GRAPPA weak here ({weak})"
+    return "grappa", "regular line pattern with coils to spare"
+
+
+def sense_lambda(hybrid: np.ndarray, mask: np.ndarray, maps: np.ndarray, setting: float | str) -> tuple[float, str]:
+    """(Tikhonov lambda, how it was chosen: "fixed", "auto (corner)" or "auto (gcv)") for one slice."""
+    if isinstance(setting, str):
+        choice = choose_lambda(hybrid, mask, maps)
+        return choice.lam, f"auto ({choice.rule})"
+    return float(setting), "fixed"
+
+
+def lambda_setting(value) -> float | str:
+    """A stage's `regularisation` value: "auto" or a positive number (one clear error otherwise)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"regularisation must be 'auto' or a number, not {value!r}") from None
+    if not number > 0:
+        raise ValueError(f"regularisation must be 'auto' or a positive number, not {value!r}")
+    return number
+
+
+def classical_options(lam: float | str | None, method: str, **options) -> ClassicalOptions:
     """ClassicalOptions from stage parameters (`lam` applies to the stage's own method and
     regulariser)."""
     out = ClassicalOptions(**options)
     if out.sense_regulariser not in REGULARISERS:
         raise ValueError(f"regulariser must be one of {', '.join(REGULARISERS)}, not {out.sense_regulariser!r}")
     if lam is not None:
-        if method == "grappa":
+        lam = lambda_setting(lam)
+        if lam == "auto" and (method == "grappa" or out.sense_regulariser == "l1"):
+            lam = None                    # automatic: SENSE-l2 only; GRAPPA and l1 keep their defaults
+        if lam is None:
+            pass
+        elif method == "grappa":
             out.grappa_lambda = float(lam)
         elif out.sense_regulariser == "l1":
             out.sense_l1_lambda = float(lam)
         else:
-            out.sense_lambda = float(lam)
+            out.sense_lambda = lam
     return out
 
 
@@ -165,7 +227,7 @@ class ClassicalRecon:
         self.noted: set[str] = set()
         # the sense calibration (reconstruct_classical's): a reference_prep stage may prepare it ahead
         self.recipe = (CalibrationRecipe(self.options.virtual_coils, SENSE_CALIBRATION_REGION, sense_options=True)
-                       if self.method == "sense" else None)
+                       if self.method in ("sense", "classical") else None)
         if self.recipe is not None:
             declare_recipe(context, self.recipe)
 
@@ -178,7 +240,7 @@ class ClassicalRecon:
 
     def _reconstruct(self, item: KSpaceSlice):
         self.context.check_cancelled(f"{item.key}")
-        if self.method == "sense" and item.kspace.shape[1] == 1:
+        if self.method in ("sense", "classical") and item.kspace.shape[1] == 1:
             sampling = sampling_of(item.kspace)
             if sampling.holes_in_lines:
                 yield from self._sense_2d(item, sampling)
@@ -236,6 +298,30 @@ def sense_2d_image(item: KSpaceSlice, sampling, virtual_coils: int, prefix: str 
 
 class GrappaRecon(ClassicalRecon):
     method = "grappa"
+
+    def _reconstruct(self, item: KSpaceSlice):
+        """GRAPPA as asked; where the geometry makes it weak, one Notice per scan says so."""
+        data = slice_data(item, self.acs_as_data)
+        weak = grappa_weakness(data.mask, min(data.coils, self.options.virtual_coils), reference_is_data(data))
+        if weak and "weak" not in self.noted:
+            self.noted.add("weak")
+            yield Notice(f"{item.key}: GRAPPA is weak on this geometry ({weak}); the sense or classical chain "
+                         "reconstructs such scans with SENSE (further slices are not announced)")
+        yield from super()._reconstruct(item)
+
+
+class ClassicalChoiceRecon(ClassicalRecon):
+    """The `classical` chain: GRAPPA or SENSE per slice by `choose_method`; the image meta names the
+    method (PISF_Method), why (PISF_MethodChoice) and its parameters (PISF_Lambda for SENSE)."""
+    method = "classical"
+
+    def _reconstruct(self, item: KSpaceSlice):
+        for image in super()._reconstruct(item):
+            if (isinstance(image, ReconImage) and image.meta.get("PISF_Method") in ("SENSE", "SENSE-l1")
+                    and "GRAPPA weak" in image.meta.get("PISF_MethodChoice", "") and "chosen" not in self.noted):
+                self.noted.add("chosen")
+                yield Notice(f"{item.key}: {image.meta['PISF_MethodChoice']} (further slices are not announced)")
+            yield image
 
 
 class SenseRecon(ClassicalRecon):

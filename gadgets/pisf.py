@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .classical import METHODS, SERIES, classical_options, reconstruct_classical, sense_2d_image
+from .classical import CHOICES, METHODS, SERIES, classical_options, reconstruct_classical, sense_2d_image
 from .context import StreamCancelled, StreamContext
 from .finish import SERIES_META
 from .inference_pool import ADMISSION, POLL_S, Cancelled, InferenceScheduler
@@ -239,7 +239,8 @@ class PisfRecon:
     """KSpaceSlice -> ReconImage with the PISF network (2D slices, 1D undersampling along ky).
 
     Before the network runs, the model-range guard (`guard_reasons`) checks the slice against
-    the model's metadata; outside it the slice is reconstructed by `fallback` (grappa or sense),
+    the model's metadata; outside it the slice is reconstructed by `fallback` (classical: GRAPPA or SENSE by the
+    slice's geometry, as the `classical` chain; or grappa or sense),
     the client gets a TEXT warning naming why, and the image meta names the method
     (PISF_Method, PISF_Guard); `sense_regulariser` (l2 or l1) applies to the sense images it
     makes. `side_by_side` (grappa or sense) also sends the classical image
@@ -256,7 +257,7 @@ class PisfRecon:
     def __init__(self, context: StreamContext, model: str = "pisf_v3.onnx",
                  providers: list[str] | tuple[str, ...] = DEFAULT_PROVIDERS, threads: int = 0,
                  max_rows_per_run: int = 0, acs_as_data: str | bool = "auto", io_binding: bool | str = "auto",
-                 fp16: bool = False, fallback: str = "sense", side_by_side: str | None = None,
+                 fp16: bool = False, fallback: str = "classical", side_by_side: str | None = None,
                  side_by_side_series_index: int | None = None, sense_regulariser: str = "l2",
                  max_rows_per_batch: int = DEFAULT_MAX_ROWS_PER_BATCH, max_slices_in_flight: int | None = None,
                  slices_ahead: int = 1):
@@ -268,8 +269,8 @@ class PisfRecon:
         # them. Separate or interleaved references may differ (resolution, time), so by default
         # they only calibrate.
         self.acs_as_data = acs_as_data_default(context, acs_as_data)
-        if fallback not in METHODS:
-            raise ValueError(f"fallback must be one of {', '.join(METHODS)}, not {fallback!r}")
+        if fallback not in CHOICES:
+            raise ValueError(f"fallback must be one of {', '.join(CHOICES)}, not {fallback!r}")
         if side_by_side in ("none", "", False):
             side_by_side = None
         if side_by_side is not None and side_by_side not in METHODS:
@@ -520,7 +521,7 @@ class PisfRecon:
         image.meta["PISF_ReconMs"] = f"{(time.perf_counter() - started) * 1e3:.1f}"
         yield image
         if self.side_by_side:
-            side = (results if self.side_by_side == self.fallback
+            side = (results if self.side_by_side in (self.fallback, results[0].method)
                     else [reconstruct_classical(plane, self.side_by_side, self.options) for plane in planes])
             yield self._classical_image(item, side, series=self.side_series)
 

@@ -113,6 +113,12 @@ def test_classical_stages_use_embedded_or_separate_reference_lines(stage, separa
         mask[lines] = 1
     item = slice_item(kspace, mask, lines, separate)
     out = list(stage(_Context("separate" if separate else "embedded"))([item]))
+    notices = [o.text for o in out if isinstance(o, Notice)]
+    if stage is GrappaRecon and not separate:      # 8 coils for a gap of 3 beside an embedded centre
+        assert len(notices) == 1 and "GRAPPA is weak on this geometry (8 coils for a gap of 3" in notices[0]
+    else:
+        assert notices == []
+    out = [o for o in out if not isinstance(o, Notice)]
     assert len(out) == 1 and isinstance(out[0], ReconImage)
     image = out[0]
     assert relative_error(image.data[0], rss(kspace)) < 0.1       # chain defaults: regularised
@@ -140,7 +146,7 @@ def test_3d_scans_are_reconstructed_per_partition_when_undersampled_along_ky_onl
     mask[::2] = 1
     mask[lines] = 1
     item = slice_item(kspace, mask, lines, planes=4)
-    image = list(GrappaRecon(_Context())([item]))[0]
+    image = [o for o in GrappaRecon(_Context())([item]) if isinstance(o, ReconImage)][0]
     assert image.data.shape == (4, 32, 32)
     # the volume is constant along kz: all signal in the centre partition
     energy = np.sum(image.data ** 2, axis=(1, 2))
@@ -265,3 +271,77 @@ def test_sense_l1_wavelet_option_beats_tikhonov_on_a_piecewise_constant_object()
     assert relative_error(l1.data[0], truth) < relative_error(l2.data[0], truth)
     with pytest.raises(ValueError, match="regulariser must be one of l2, l1"):
         SenseRecon(_Context(), regulariser="tv")
+
+
+# ----------------------------------------------------------------------------- automatic choices (issue 18)
+def _slice(n=64, coils=8, kind="equispaced", step=3, reference=16, seed=0):
+    kspace, _, _ = synthetic_scan(n, coils=coils, seed=seed)
+    lines = centre_lines(n, reference)
+    mask = np.zeros(n, np.float32)
+    if kind == "random":
+        rng = np.random.default_rng(seed + 7)
+        outer = np.flatnonzero(~lines)
+        mask[rng.choice(outer, (n - reference) // step, replace=False)] = 1
+    else:
+        mask[1::step] = 1
+    mask[lines] = 1
+    return SliceData(kspace * mask[None, :, None], mask, kspace * lines[None, :, None], lines), kspace
+
+
+def test_grappa_weakness_names_random_masks_and_few_coils():
+    from gadgets.numerics.grappa import grappa_weakness, is_regular
+    regular, _ = _slice(kind="equispaced")
+    irregular, _ = _slice(kind="random")
+    assert is_regular(regular.mask) and not is_regular(irregular.mask)
+    assert grappa_weakness(regular.mask, 16) is None                   # gap 3: 12 coils wanted embedded
+    assert "irregular" in grappa_weakness(irregular.mask, 16)
+    assert "8 coils for a gap of 3 lines" in grappa_weakness(regular.mask, 8)
+    assert grappa_weakness(regular.mask, 3, reference_is_data=False) is None   # separate: 3 wanted
+
+
+def test_classical_choice_picks_sense_on_a_random_mask_with_few_coils_and_says_so():
+    data, kspace = _slice(coils=4, kind="random")
+    result = reconstruct_classical(data, "classical")
+    meta = result.meta
+    assert meta["PISF_Method"] == "SENSE" and "GRAPPA weak here" in meta["PISF_MethodChoice"]
+    assert meta["PISF_LambdaChoice"].startswith("auto (") and float(meta["PISF_Lambda"]) > 0
+    assert "chosen: GRAPPA weak here" in result.description
+    assert relative_error(result.magnitude, rss(kspace)) < 0.1
+
+
+def test_classical_choice_picks_grappa_on_a_regular_mask_with_coils_to_spare_and_l1_when_asked():
+    from gadgets.classical import ClassicalOptions
+    data, kspace = _slice(coils=16, kind="equispaced", step=3)
+    result = reconstruct_classical(data, "classical")
+    assert result.meta["PISF_Method"] == "GRAPPA" and "regular line pattern" in result.meta["PISF_MethodChoice"]
+    assert relative_error(result.magnitude, rss(kspace)) < 0.08
+    l1 = reconstruct_classical(data, "classical", ClassicalOptions(sense_regulariser="l1"))
+    assert l1.meta["PISF_Method"] == "SENSE-l1" and "l1 regulariser" in l1.meta["PISF_MethodChoice"]
+
+
+def test_automatic_lambda_in_the_sense_core_and_a_fixed_one_on_request():
+    from gadgets.classical import ClassicalOptions, classical_options
+    data, _ = _slice(coils=8, kind="equispaced", step=4)
+    auto = reconstruct_classical(data, "sense")
+    fixed = reconstruct_classical(data, "sense", ClassicalOptions(sense_lambda=0.05))
+    assert auto.meta["PISF_LambdaChoice"] in ("auto (corner)", "auto (gcv)")
+    assert fixed.meta["PISF_LambdaChoice"] == "fixed" and fixed.meta["PISF_Lambda"] == "0.05"
+    assert classical_options("auto", "sense").sense_lambda == "auto"
+    assert classical_options("auto", "grappa").grappa_lambda == 1e-2          # auto: SENSE-l2 only
+    with pytest.raises(ValueError, match="regularisation must be 'auto' or a number"):
+        classical_options("often", "sense")
+
+
+def test_classical_chain_stage_announces_sense_where_grappa_is_weak():
+    from gadgets.chain import ChainRepository
+    from gadgets.classical import ClassicalChoiceRecon
+    assert [name for name, _ in ChainRepository.shared().load("classical").stages][3] == "classical_recon"
+    data, _ = _slice(coils=4, kind="random")
+    import ismrmrd
+    item = KSpaceSlice(SliceKey(0, 0, 0, 0, 0), data.kspace[:, None], (data.mask > 0)[None],
+                       data.reference_kspace[:, None], data.reference_lines[None], ismrmrd.AcquisitionHeader())
+    out = list(ClassicalChoiceRecon(_Context())([item]))
+    notices = [o.text for o in out if isinstance(o, Notice)]
+    images = [o for o in out if isinstance(o, ReconImage)]
+    assert len(images) == 1 and images[0].meta["PISF_Method"] == "SENSE"
+    assert len(notices) == 1 and "GRAPPA weak here (irregular" in notices[0]

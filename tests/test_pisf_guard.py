@@ -166,6 +166,24 @@ def test_the_same_reason_is_announced_once_per_stream_and_grappa_can_be_the_fall
     assert all(i.meta["PISF_Method"] == "GRAPPA" for i in images)
 
 
+def test_the_default_fallback_is_the_classical_choice_by_geometry(stage):
+    """fallback: classical (the default) reconstructs as the classical chain would: SENSE (lambda
+    chosen per slice) where GRAPPA is weak by geometry, GRAPPA on a regular mask with coils to spare."""
+    recon, _ = stage({**RANGES, "trained_acceleration_max": "1.5"})
+    assert recon.fallback == "classical"
+    kspace, mask, lines = scan(coils=4)                          # gap 4 with 4 coils: SENSE
+    texts, images = run(recon, slice_item(kspace, mask, lines))
+    meta = images[0].meta
+    assert meta["PISF_Method"] == "SENSE" and meta["PISF_MethodChoice"].startswith("SENSE: GRAPPA weak here (4 coils")
+    assert meta["PISF_LambdaChoice"].startswith("auto (") and "reconstructed with SENSE instead" in texts[0]
+    recon, _ = stage({**RANGES, "trained_acceleration_max": "1.5"})
+    kspace, mask, lines = scan(coils=16, step=2)                 # gap 2 with 16 coils: GRAPPA
+    texts, images = run(recon, slice_item(kspace, mask, lines))
+    meta = images[0].meta
+    assert meta["PISF_Method"] == "GRAPPA" and meta["PISF_MethodChoice"].startswith("GRAPPA: regular line pattern")
+    assert meta["PISF_Guard"].startswith("fallback: acceleration R ") and "reconstructed with GRAPPA instead" in texts[0]
+
+
 def test_models_without_trained_ranges_are_named_once(stage):
     recon, model = stage({"contract": "2", "coils": "8"})
     kspace, mask, lines = scan(step=8)                         # R 2.7 .. any: unchecked

@@ -148,3 +148,60 @@ def grappa_fill(kspace: np.ndarray, mask: np.ndarray, reference: np.ndarray,
         out[:, targets, :] = np.einsum("xcs,snx->cnx", per_row, sources, optimize=True)
         synthesised[targets] = True
     return GrappaFill(out, synthesised, len(groups))
+
+
+# ----------------------------------------------------------------------------- geometry
+# Where GRAPPA loses to SENSE by geometry, measured on the `pisf evaluate` dev cases (issue 18;
+# README "Classical chains vs BART", PSNR GRAPPA - SENSE with its automatic lambda):
+# - an irregular (random) mask: one kernel per gap geometry, each fitted on the same few reference
+#   lines, with far sources (brain 16 ch -0.5 to +0.1 dB, Cima.X 16 ch -4 dB, phantom 8 ch -1 to -3);
+# - an embedded centre block with a wide gap between the outer lines (the centre takes part of the
+#   line budget: R 4 at 128 lines leaves a gap of 7): the kernels must unfold gap - 1 aliases and
+#   need about 4 coils per line of gap (brain 16 ch gap 4 +1.1, gap 7 +0.4; Cima.X 16 ch gap 4
+#   +0.2, gap 7 -4.9; phantom 8 ch gap 4 -2.3; 4 ch -2 to -3). SENSE keeps that centre as data;
+# - a separate reference (the image lines alone are a pure equispaced mask, gap = R): GRAPPA won
+#   12 of 15 cases with at least as many coils as the gap (8-16 ch R 2-4 +0.3 to +5; 4 ch phantom
+#   R 3-4 +4; 4 ch brain R 2 -0.2, R 3 +0.4, R 4 -2.3). An equispaced mask with an embedded centre
+#   has its commonest gap in 0.67-0.93 of the outer gaps (R 3-8), a random one in 0.12-0.33 (0.5
+#   at R 5 with 7 outer lines).
+REGULAR_FRACTION = 0.6        # share of the outer gaps equal to the commonest gap: a regular pattern
+COILS_PER_GAP = {"embedded": 4.0, "separate": 1.0}
+
+
+def outer_gaps(mask: np.ndarray) -> np.ndarray:
+    """Gaps (in lines) between consecutive measured lines of mask [ny] outside its fully sampled
+    centre run (the reference block of embedded ACS)."""
+    from .reference import reference_run
+    sampled = np.asarray(mask) > 0.5
+    outer = sampled & ~reference_run(sampled)
+    return np.diff(np.flatnonzero(outer))
+
+
+def common_gap(mask: np.ndarray) -> tuple[int, float]:
+    """(the commonest outer gap, the share of outer gaps equal to it); (1, 1.0) without outer lines."""
+    gaps = outer_gaps(mask)
+    if gaps.size == 0:
+        return 1, 1.0
+    counts = np.bincount(gaps)
+    return int(np.argmax(counts)), float(counts.max()) / gaps.size
+
+
+def is_regular(mask: np.ndarray) -> bool:
+    """True when at least REGULAR_FRACTION of the outer gaps equal the commonest one (equispaced
+    with or without a centre block; a random mask is not)."""
+    return common_gap(mask)[1] >= REGULAR_FRACTION
+
+
+def grappa_weakness(mask: np.ndarray, coils: int, reference_is_data: bool = True) -> str | None:
+    """Why GRAPPA is expected to do worse than SENSE on this geometry (module notes above), or
+    None. mask [ny]: the image lines; coils: the (virtual) coils the kernels use;
+    reference_is_data: the reference lines are image lines (embedded ACS), not a separate scan."""
+    gap, share = common_gap(mask)
+    if share < REGULAR_FRACTION:
+        return "irregular (random) line pattern: one kernel per gap geometry, each fitted on few lines"
+    layout = "embedded" if reference_is_data else "separate"
+    needed = COILS_PER_GAP[layout] * gap
+    if coils < needed:
+        return (f"{coils} coils for a gap of {gap} lines between the outer measured lines ({layout} reference): "
+                f"the kernels want {needed:g}")
+    return None

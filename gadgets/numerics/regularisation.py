@@ -111,7 +111,8 @@ def curvature(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Signed curvature of the parametric curve (x(t), y(t)) sampled at unit steps of t."""
     dx, dy = np.gradient(x), np.gradient(y)
     ddx, ddy = np.gradient(dx), np.gradient(dy)
-    return (dx * ddy - ddx * dy) / np.maximum(dx * dx + dy * dy, 1e-300) ** 1.5
+    speed = np.maximum((dx * dx + dy * dy) ** 1.5, 1e-300)        # a flat curve (no data) bends nowhere
+    return np.nan_to_num((dx * ddy - ddx * dy) / speed)
 
 
 def corner_index(bend: np.ndarray, edge: int = CORNER_EDGE) -> int | None:

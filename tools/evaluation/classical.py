@@ -20,7 +20,7 @@ def _method(name: str, **defaults):
     from gadgets.slices import SliceData
     from tools.evaluation.datasets import sampled_lines
 
-    options = ClassicalOptions(**defaults, **{k: float(v) for k, v in _env_options().items()})
+    options = ClassicalOptions(**{**defaults, **{k: _number_or_word(v) for k, v in _env_options().items()}})
 
     def method(image_kspace, mask, calibration_kspace):
         data = SliceData(np.asarray(image_kspace, np.complex64), np.asarray(mask, np.float32),
@@ -29,6 +29,13 @@ def _method(name: str, **defaults):
 
     method.metadata = {"method": name, "options": vars(options)}
     return method
+
+
+def _number_or_word(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text                       # e.g. sense_lambda=auto
 
 
 def _env_options() -> dict:
@@ -42,7 +49,14 @@ def grappa():
 
 
 def sense():
+    """The sense chain's core with its defaults (l2, automatic lambda per scan)."""
     return _method("sense")
+
+
+def sense_fixed():
+    """The sense chain's core at the fixed lambda it used before automatic regularisation."""
+    from gadgets.classical import FIXED_SENSE_LAMBDA
+    return _method("sense", sense_lambda=FIXED_SENSE_LAMBDA)
 
 
 def sense_l1():

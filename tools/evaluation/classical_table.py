@@ -10,7 +10,13 @@ tools/evaluation/bart.py), BART SENSE-l2 at one fixed setting for every case (`e
 `pics -l2 -r 0.01`, 100 iterations: like the chains, no per-case tuning; from the anchors' disk
 cache, computed when missing), the sense and grappa chains' cores; PSNR / SSIM and seconds
 (BART: ecalib + pics, single-threaded; ours: the call); with a sense_l1 method also BART
-l1-ESPIRiT (tuned) against it. Writes OUT/classical_table.md.
+l1-ESPIRiT (tuned) against it. Writes OUT/classical_table.md. With a `classical` method (the
+classical chain's core, tools/evaluation/classical.py) also its column and summary.
+
+`pisf classical-table --lambda-study OUT --datasets ...` instead sweeps the sense core's Tikhonov
+lambda per case (quarter decades 1e-4..1, the chain's calibration) against the reference: the
+per-case oracle, the automatic choice (gadgets/numerics/regularisation.py) and the fixed 0.01;
+writes OUT/lambda_study.md.
 """
 from __future__ import annotations
 
@@ -101,15 +107,77 @@ def table(results: dict, fixed: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+STUDY_GRID = tuple(float(v) for v in 10 ** np.arange(-4.0, 0.01, 0.25))
+
+
+def lambda_study(datasets: list, log=print) -> str:
+    """Markdown table: per case the sense core's PSNR at the oracle lambda (best of STUDY_GRID by
+    PSNR against the reference), at the automatic lambda and at the fixed default."""
+    import time
+    from gadgets.classical import FIXED_SENSE_LAMBDA, SENSE_CALIBRATION_REGION, DEFAULT_VIRTUAL_COILS, sense_lambda
+    from gadgets.numerics.calibration import compressed_maps, sense_calibration_options
+    from gadgets.numerics.coils import compress
+    from gadgets.numerics.fft import ifftc
+    from gadgets.numerics.reference import centre_region
+    from gadgets.numerics.sense import sense_tikhonov
+    from gadgets.slices import SliceData
+    from tools.evaluation.datasets import dataset_cases, sampled_lines, undersample
+    from tools.evaluation.metrics import psnr, scale_match
+
+    lines = ["| dataset | case | oracle lambda | oracle PSNR | auto lambda (rule) | auto - oracle | "
+             "fixed 0.01 - oracle | auto choice s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    auto_d, fixed_d = [], []
+    for dataset in datasets:
+        for case in dataset_cases(dataset):
+            image_kspace, calibration = undersample(case, dataset.kspace)
+            data = SliceData(image_kspace, case.mask.astype(np.float32), calibration, sampled_lines(calibration))
+            block, count, _ = data.reference_block()
+            matrix, maps = compressed_maps(centre_region(block, *SENSE_CALIBRATION_REGION), image_kspace.shape[1:],
+                                           DEFAULT_VIRTUAL_COILS, **sense_calibration_options(count))
+            hybrid = ifftc(compress(image_kspace, matrix), axes=(-1,))
+
+            def score(lam):
+                image = sense_tikhonov(hybrid, data.mask, maps, lam=lam, per_map=True)
+                image = np.sqrt(np.sum(np.abs(image) ** 2, axis=0)) if image.ndim == 3 else np.abs(image)
+                return psnr(dataset.reference, scale_match(image, dataset.reference))
+
+            scores = {lam: score(lam) for lam in STUDY_GRID}
+            oracle = max(scores, key=scores.get)
+            started = time.perf_counter()
+            lam, rule = sense_lambda(hybrid, data.mask, maps, "auto")
+            seconds = time.perf_counter() - started
+            auto, fixed = score(lam) - scores[oracle], score(FIXED_SENSE_LAMBDA) - scores[oracle]
+            auto_d.append(auto)
+            fixed_d.append(fixed)
+            lines.append(f"| {dataset.name} | {case.name} | {oracle:.3g} | {scores[oracle]:.2f} | {lam:.3g} {rule} "
+                         f"| {auto:+.2f} | {fixed:+.2f} | {seconds:.2f} |")
+            log(lines[-1], flush=True)
+    auto_d, fixed_d = np.asarray(auto_d), np.asarray(fixed_d)
+    lines += ["", f"{auto_d.size} cases, PSNR difference to the per-case oracle (dB), mean / min / within 0.5 dB:",
+              f"- automatic: {auto_d.mean():+.2f} / {auto_d.min():+.2f} / {int(np.sum(auto_d >= -0.5))}",
+              f"- fixed 0.01: {fixed_d.mean():+.2f} / {fixed_d.min():+.2f} / {int(np.sum(fixed_d >= -0.5))}"]
+    return "\n".join(lines) + "\n"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tools.evaluation.datasets import DEFAULT_DATA
     parser.add_argument("run", nargs="?", type=Path, default=Path("runs/eval_classical"),
                         help="a `pisf evaluate` output folder with the classical methods (results.json)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with the real data")
     parser.add_argument("--bart-cache", default="runs/bart_cache", help="BART result cache ('' for none)")
+    parser.add_argument("--lambda-study", type=Path, default=None, metavar="OUT",
+                        help="instead: the sense lambda study (oracle / automatic / fixed per case) into OUT")
+    parser.add_argument("--datasets", nargs="+", default=None, help="datasets of the lambda study (default: the 39 cases')")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.lambda_study is not None:
+        from tools.evaluation.datasets import load_datasets
+        text = lambda_study(load_datasets(args.data, args.datasets))
+        args.lambda_study.mkdir(parents=True, exist_ok=True)
+        (args.lambda_study / "lambda_study.md").write_text(text)
+        print(text)
+        return 0
     results = json.loads((args.run / "results.json").read_text())
     fixed = fixed_bart(results["rows"], args.data, args.bart_cache or None)
     text = table(results, fixed)
