@@ -11,6 +11,7 @@ import socket
 import struct
 import threading
 import tracemalloc
+from pathlib import Path
 
 import ismrmrd
 import numpy as np
@@ -364,3 +365,91 @@ def test_concurrent_clients_each_get_their_own_images(server, shepp_logan_raw):
             np.testing.assert_array_equal(mine.image.data, theirs.image.data)
             assert mine.image.image_index == theirs.image.image_index
             assert mine.image.image_series_index == theirs.image.image_series_index
+
+
+# ---------------------------------------------------------------- counters against declared encodingLimits
+
+def _header_with_limit(counter: str, maximum: int) -> str:
+    """make_header() plus encodingLimits/<counter> 0..maximum."""
+    import ismrmrd.xsd as xsd
+
+    header = ismrmrd.xsd.CreateFromDocument(make_header())
+    setattr(header.encoding[0].encodingLimits, counter, xsd.limitType(minimum=0, maximum=maximum, center=0))
+    return xsd.ToXML(header)
+
+
+def _slice_with(counter: str, value: int) -> list:
+    lines = make_slice()
+    for line in lines:
+        setattr(line.idx, counter, value)
+    return lines
+
+
+@pytest.mark.parametrize("counter", ["contrast", "phase", "repetition", "set", "average", "segment"])
+def test_counter_outside_the_declared_limit_is_refused_by_name(server, counter):
+    """A complete slice within the limit gets its image; the first line over it ends the scan with
+    one ERROR naming the counter, its value and the limit."""
+    header = _header_with_limit(counter, 2)
+    over = make_line(3, counter=40)
+    setattr(over.idx, counter, 5)
+    messages = converse(server, preamble(header=header) + frames(*_slice_with(counter, 2), over))
+    assert_error(messages, f"acquisition 40 has {counter} = 5", f"encoding limits 0..2 for {counter}",
+                 images_before=1)
+    assert_still_serving(server)
+
+
+def test_counter_without_a_declared_limit_is_not_checked(server):
+    """make_header() declares ky and slice limits only: phase 5 is taken as it comes."""
+    messages = converse(server, preamble() + frames(*_slice_with("phase", 5)) + protocol.frame_close())
+    assert texts(messages) == []
+    [image] = images(messages)
+    assert image.phase == 5
+
+
+def test_auxiliary_lines_are_not_counter_checked():
+    """The third phase-correction navigator of a Siemens EPI scan carries average 1 under limits 0..0."""
+    from gadgets.context import InputError, parse_header
+    from gadgets.wire.validate import AcquisitionValidator
+
+    validator = AcquisitionValidator.for_header(parse_header(_header_with_limit("average", 0)))
+    navigator = make_line(NY // 2, counter=2)
+    navigator.idx.average = 1
+    navigator.set_flag(ismrmrd.ACQ_IS_PHASECORR_DATA)
+    validator.check(navigator)
+    navigator.clear_flag(ismrmrd.ACQ_IS_PHASECORR_DATA)
+    with pytest.raises(InputError, match="average = 1"):
+        validator.check(navigator)
+
+
+def _every_line_passes(path) -> dict:
+    from gadgets.context import parse_header
+    from gadgets.wire.validate import AcquisitionValidator
+
+    header_text, acquisitions = read_raw(path)
+    validator = AcquisitionValidator.for_header(parse_header(header_text))
+    for acquisition in acquisitions:
+        validator.check(acquisition)
+    return validator.counter_limits
+
+
+def test_real_and_simulated_files_pass_the_counter_checks(tmp_path, shepp_logan_raw):
+    """Every file we have that is ISMRMRD or converts to it: the Skyra file, the converted Cima.X
+    twix, EPI twix and BART Poisson brain (the phantom .mat and the .npy do not convert), Debian's
+    generator (4-repetition limits), `pisf simulate` with phases and slices."""
+    from tests.conftest import SHARED_DATA
+    from tools.rawdata.convert import convert
+    from tools.rawdata.simulate import simulate
+
+    simulated = tmp_path / "cine.h5"
+    simulate(simulated, matrix=32, coils=2, accel=2, acs=8, slices=2, phases=3, noise=0.01, seed=4)
+    assert _every_line_passes(simulated)["phase"] == (0, 2)
+    assert _every_line_passes(shepp_logan_raw)["repetition"][1] >= 1
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent")
+    assert _every_line_passes(SHARED_DATA / "siemens_skyra_R3_14ch.h5")["average"] == (0, 0)
+    for name in ("siemens_cimax_phantom_16ch_twix.dat", "brain_8coil_poisson_ksp.cfl",
+                 "twix_skyra_epi_phantom/epi.dat"):
+        converted = tmp_path / (Path(name).stem + ".h5")
+        convert(SHARED_DATA / name, converted, log=None, warn=lambda text: None)
+        assert set(_every_line_passes(converted)) == {"contrast", "phase", "repetition", "set", "average",
+                                                      "segment"}, name

@@ -41,6 +41,14 @@ NOISE_SAMPLES_MARGIN = 2             # noise lines may be longer than the imagin
                                      # times the longest readout the header allows (oversampled)
 WAVEFORM_BYTES_MAX = 16 * 1024 * 1024  # physiology (ECG, PMU): kilobytes in practice; the chains drop it
 _NOISE_BIT = 1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1)
+# Counters checked against the header's encodingLimits when it declares them (kspace_encode_step_1/2
+# and slice have their own checks and messages).
+LIMITED_COUNTERS = ("contrast", "phase", "repetition", "set", "average", "segment")
+# Lines outside the image's encoding space, whose counters scanners label their own way (the third
+# phase-correction navigator of a Siemens EPI scan carries average 1 under limits 0..0): no counter check.
+_AUXILIARY_BITS = sum(1 << (flag - 1) for flag in (
+    ismrmrd.ACQ_IS_PHASECORR_DATA, ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_RTFEEDBACK_DATA,
+    ismrmrd.ACQ_IS_HPFEEDBACK_DATA, ismrmrd.ACQ_IS_DUMMYSCAN_DATA))
 
 
 def _mib(nbytes: int) -> str:
@@ -55,9 +63,11 @@ class AcquisitionValidator:
     not allow is refused before it is allocated. `check` adds what needs the samples.
     """
 
-    def __init__(self, encoding: Encoding, slice_limit: int | None = None, trajectory: str | None = None):
+    def __init__(self, encoding: Encoding, slice_limit: int | None = None, trajectory: str | None = None,
+                 counter_limits: dict[str, tuple[int, int]] | None = None):
         self.encoding = encoding
         self.slice_limit = slice_limit
+        self.counter_limits = counter_limits or {}  # counter -> (minimum, maximum) the header declares
         self.channels = encoding.receiver_channels
         self.trajectory = trajectory  # the header's encoding trajectory ('cartesian', 'radial', ...), None unknown
         readout = max(encoding.encoded_matrix[0], 2 * encoding.recon_matrix[0])  # oversampled readout
@@ -70,7 +80,7 @@ class AcquisitionValidator:
         slice_limit = int(limits.slice.maximum) if limits is not None and limits.slice is not None else None
         trajectory = header.encoding[0].trajectory
         trajectory = str(getattr(trajectory, "value", trajectory)).lower() if trajectory is not None else None
-        return AcquisitionValidator(encoding, slice_limit, trajectory)
+        return AcquisitionValidator(encoding, slice_limit, trajectory, declared_counter_limits(limits))
 
     def check_payload(self, head) -> None:
         """The frame reader's hook: an AcquisitionHeader or WaveformHeader before its payload."""
@@ -143,6 +153,24 @@ class AcquisitionValidator:
         if self.slice_limit is not None and head.idx.slice > self.slice_limit:
             raise InputError(f"acquisition {number} is for slice {head.idx.slice}; the header's "
                              f"encoding limits end at slice {self.slice_limit}")
+        if head.flags & _AUXILIARY_BITS:
+            return
+        for name, (minimum, maximum) in self.counter_limits.items():
+            value = getattr(head.idx, name)
+            if not minimum <= value <= maximum:
+                raise InputError(f"acquisition {number} has {name} = {value}, outside the header's encoding "
+                                 f"limits {minimum}..{maximum} for {name}")
+
+
+def declared_counter_limits(limits) -> dict[str, tuple[int, int]]:
+    """{counter: (minimum, maximum)} of LIMITED_COUNTERS the header's encodingLimits declare (a
+    counter without a limit element is not checked)."""
+    declared = {}
+    for name in LIMITED_COUNTERS:
+        limit = getattr(limits, name, None) if limits is not None else None
+        if limit is not None and limit.maximum is not None:
+            declared[name] = (int(limit.minimum or 0), int(limit.maximum))
+    return declared
 
 
 # ---------------------------------------------------------------- the header as Gadgetron 4.7 sees it
