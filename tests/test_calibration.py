@@ -225,3 +225,24 @@ def test_pisf_guard_sends_a_folded_slice_to_the_two_map_sense_fallback(monkeypat
     fitting, _, _ = synthetic_scan()
     texts, images = run(recon, slice_item(fitting, mask, lines))
     assert texts == [] and model.calls == 1 and images[0].meta["PISF_Method"] == "PISF"
+
+
+def test_folded_dataset_wraps_the_parents_coil_images():
+    """tools.evaluation.datasets.folded_dataset: a smaller phase-encoding FOV at the same
+    resolution is the parent's coil images summed over shifts by the new row count."""
+    from tools.evaluation.datasets import Dataset, dataset_cases, folded_dataset, normalised, reference_from_kspace
+
+    kspace, _, _ = synthetic_scan(64, coils=4)
+    parent_kspace = normalised(kspace)
+    parent = Dataset("synthetic", parent_kspace, reference_from_kspace(parent_kspace), "synthetic, 4 coils")
+    folded = folded_dataset(parent, 48, max_acceleration=6)
+    assert folded.name == "synthetic_folded" and folded.shape == (4, 48, 64)
+    coil_images = ifftc(parent.kspace.astype(np.complex128), axes=(1, 2))
+    wrapped = coil_images[:, 8:56].copy()                  # new row r holds parent rows 8 + r, r - 40, r + 56
+    wrapped[:, :8] += coil_images[:, 56:]
+    wrapped[:, 40:] += coil_images[:, :8]
+    got = ifftc(folded.kspace.astype(np.complex128), axes=(1, 2))
+    scale = np.vdot(got, wrapped).real / np.vdot(got, got).real
+    assert np.abs(scale * got - wrapped).max() < 1e-5 * np.abs(wrapped).max()
+    assert folded.reference.max() == pytest.approx(1.0)
+    assert max(case.R for case in dataset_cases(folded)) == 6
