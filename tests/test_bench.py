@@ -21,7 +21,7 @@ def test_bench_tiny_zerofill(tmp_path):
     has_bart = shutil.which("bart") is not None
     report = run_bench(tmp_path, chains=("zerofill",), slices=2, matrix=64, coils=4, accel=4, acs=12,
                        use_shared=False, bart_slices=1 if has_bart else 0, realtime=True, realtime_slices=3,
-                       tr_ms=5.0, soak=4, min_images=2, connections=(3,), log=lambda *_: None)
+                       tr_ms=5.0, soak=4, min_images=2, connections=(3,), after_idle_s=0.2, log=lambda *_: None)
 
     assert report["hardware"]["cpu_cores"] >= 1 and report["hardware"]["cpu_model"]
     [run] = report["runs"]
@@ -37,6 +37,8 @@ def test_bench_tiny_zerofill(tmp_path):
     assert "failure" not in together and together["connections"] == 3
     assert together["images_expected"] == together["images_equal"] == together["images"] == 6
     assert together["peak_rss_mib"] > 10 and together["server_latency_ms"]["n"] == 6
+    # the readout is taken (this test does not measure the hand-back: 0.2 s instead of the default 10 s)
+    assert together["after_idle_s"] == 0.2 and together["rss_after_idle_mib"] > 10
 
     rt = report["realtime"]
     [rt_run] = rt["chains"]
@@ -71,3 +73,22 @@ def test_bench_model_growth_fit_recovers_the_exponent_per_model_and_threads():
     fits = growth(results, "reconstruct_median_s")
     assert fits == {"v2 threads 1": 2.6, "v3 threads 1": 2.1}
     assert growth(results[:1], "reconstruct_median_s") == {}      # one size: no fit
+
+
+def test_bench_refuses_bad_options_before_simulating(capsys, tmp_path):
+    """One line `pisf bench: error: what; what to do`, before the minutes of simulation."""
+    from tools import cli
+
+    cases = [(["--model", tmp_path / "none.onnx"], f"--model {tmp_path / 'none.onnx'}: no such file; give an ONNX"),
+             (["--raw", tmp_path / "none.h5"], f"--raw {tmp_path / 'none.h5'}: no such file; check the path"),
+             (["--chains", "zerofill", "nosuch"], "--chains nosuch: no such chain; choose from "),
+             (["--connections", "4", "0"], "--connections 0: must be at least 1; see `pisf bench --help`"),
+             (["--after-idle", "-1"], "--after-idle -1: must be 0 or more"),
+             (["--matrix", "15"], "--matrix 15: must be even and at least 16")]
+    for argv, expected in cases:
+        out = tmp_path / "bench"
+        code = cli.main(["bench", "--out", str(out), *map(str, argv)])
+        _, err = capsys.readouterr()
+        assert code == 2 and err.splitlines() == [err.splitlines()[0]], err
+        assert err.startswith(f"pisf bench: error: {expected}"), err
+        assert not out.exists()  # refused before anything was written

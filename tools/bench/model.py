@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -174,8 +175,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows per network run (0: all rows of the slice in one run)")
 
 
+def _problem(args: argparse.Namespace) -> str | None:
+    """The first argument the bench cannot run with, as `what; what to do` (None: all fine)."""
+    from tools.evaluation.harness import model_spec
+
+    for spec in args.models:
+        try:
+            path, _, _ = model_spec(spec)
+        except ValueError as exc:
+            return f"{exc}; see `pisf bench-model --help`"
+        if not Path(path).is_file():
+            return f"{path}: no such file; give an ONNX model (models/*.onnx)"
+    for option, values in {"--threads": args.threads, "--repeats": [args.repeats], "--coils": [args.coils]}.items():
+        if any(value < 1 for value in values):
+            return f"{option} {min(values)}: must be at least 1; see `pisf bench-model --help`"
+    if any(size < 16 or size % 2 for size in args.sizes):
+        return (f"--sizes {' '.join(map(str, args.sizes))}: each must be even and at least 16; "
+                f"see `pisf bench-model --help`")
+    if args.max_rows_per_run < 0:
+        return (f"--max-rows-per-run {args.max_rows_per_run}: must be 0 (all rows) or more; "
+                f"see `pisf bench-model --help`")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from gadgets import limit_blas_threads
+    from tools.cli import CommandError
+
+    problem = _problem(args)
+    if problem:
+        raise CommandError(problem)
     limit_blas_threads()          # as in the server (OpenBLAS threads thrash on small matrices)
     import shutil
     with_bart = args.bart and shutil.which("bart") is not None

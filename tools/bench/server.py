@@ -27,7 +27,6 @@ import json
 import math
 import os
 import platform
-import sys
 import tempfile
 import threading
 import time
@@ -535,8 +534,9 @@ def run_bench(out: Path, chains=("zerofill", "pisf"), raws=(), model: str | None
     every chain unpaced, optionally paced and as a soak, then time BART; write bench.json/.md/.png."""
     from gadgets.wire.client import read_raw
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from tools.cli import created_directory
+
+    out = created_directory(out)
     report: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "hardware": hardware(),
                     "settings": dict(chains=list(chains), model=model, slices=slices, matrix=matrix, coils=coils,
                                      accel=accel, acs=acs, realtime=realtime, realtime_slices=realtime_slices,
@@ -816,10 +816,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
 
 
-def run(args: argparse.Namespace) -> int:
+def _problem(args: argparse.Namespace) -> str | None:
+    """The first option the bench cannot run with, as `what; what to do` (None: all fine); checked
+    before the minutes of simulation a bench starts with."""
+    from gadgets.chain import ChainRepository
+
     if args.model and not Path(args.model).is_file():
-        print(f"error: model {args.model} not found", file=sys.stderr)
-        return 2
+        return f"--model {args.model}: no such file; give an ONNX model (models/*.onnx)"
+    missing = [str(path) for path in args.raw if not Path(path).is_file()]
+    if missing:
+        return f"--raw {', '.join(missing)}: no such file; check the path (ISMRMRD raw files, `pisf convert` others)"
+    available = ChainRepository.shared().names()
+    unknown = [chain for chain in args.chains if chain not in available]
+    if unknown:
+        return f"--chains {' '.join(unknown)}: no such chain; choose from {', '.join(available)}"
+    counts = {"--slices": args.slices, "--coils": args.coils, "--accel": args.accel, "--min-images": args.min_images,
+              "--realtime-slices": args.realtime_slices}
+    counts.update({"--connections": n for n in args.connections if n < 1})
+    for option, value in counts.items():
+        if value < 1:
+            return f"{option} {value}: must be at least 1; see `pisf bench --help`"
+    if args.matrix < 16 or args.matrix % 2:
+        return f"--matrix {args.matrix}: must be even and at least 16; see `pisf bench --help`"
+    for option, value in {"--acs": args.acs, "--bart-slices": args.bart_slices, "--soak": args.soak,
+                          "--soak-minutes": args.soak_minutes, "--after-idle": args.after_idle}.items():
+        if not value >= 0:
+            return f"{option} {value:g}: must be 0 or more; see `pisf bench --help`"
+    if not args.tr > 0:
+        return f"--tr {args.tr:g}: must be positive (ms); see `pisf bench --help`"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from tools.cli import CommandError
+
+    problem = _problem(args)
+    if problem:
+        raise CommandError(problem)
     report = run_bench(args.out, chains=args.chains, raws=args.raw, model=args.model, slices=args.slices,
                        matrix=args.matrix, coils=args.coils, accel=args.accel, acs=args.acs,
                        use_shared=not args.no_shared, bart_slices=args.bart_slices, realtime=args.realtime,
