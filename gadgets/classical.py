@@ -166,7 +166,8 @@ def choose_method(data: SliceData, options: ClassicalOptions) -> tuple[str, str]
 
 
 def sense_lambda(hybrid: np.ndarray, mask: np.ndarray, maps: np.ndarray, setting: float | str) -> tuple[float, str]:
-    """(Tikhonov lambda, how it was chosen: "fixed", "auto (corner)" or "auto (gcv)") for one slice."""
+    """(Tikhonov lambda, how it was chosen: "fixed" or "auto (RULE)", RULE: corner, gcv or shoulder,
+    gadgets/numerics/regularisation.py) for one slice."""
     if isinstance(setting, str):
         choice = choose_lambda(hybrid, mask, maps)
         return choice.lam, f"auto ({choice.rule})"

@@ -7,7 +7,7 @@ import pytest
 
 from gadgets.numerics.fft import fftc, ifftc
 from gadgets.numerics.regularisation import (LAMBDA_GRID, choose_lambda, corner_index, row_spectra,
-                                             tikhonov_curves)
+                                             shoulder_index, tikhonov_curves)
 from gadgets.numerics.sense import sense_tikhonov
 from tests.test_calibration import centre_lines, synthetic_scan
 
@@ -66,7 +66,7 @@ def test_automatic_lambda_beats_badly_wrong_fixed_ones_on_a_noisy_scan():
     errors = {lam: image_error(sense_tikhonov(hybrid, mask, maps, lam=lam), truth) for lam in (1e-4, 1.0)}
     chosen = image_error(sense_tikhonov(hybrid, mask, maps, lam=choice.lam), truth)
     best = min(image_error(sense_tikhonov(hybrid, mask, maps, lam=lam), truth) for lam in LAMBDA_GRID[::4])
-    assert choice.rule in ("corner", "gcv") and LAMBDA_GRID[0] <= choice.lam <= LAMBDA_GRID[-1]
+    assert choice.rule in ("corner", "gcv", "shoulder") and LAMBDA_GRID[0] <= choice.lam <= LAMBDA_GRID[-1]
     assert chosen < 0.8 * min(errors.values()), (choice.lam, chosen, errors)
     assert chosen < 1.25 * best, (choice.lam, chosen, best)
 
@@ -75,6 +75,8 @@ def test_corner_needs_an_interior_maximum():
     assert corner_index(np.array([0.0, -1, 0.5, 2.0, 0.7, 0.1, -0.2, 0.0])) == 3
     assert corner_index(np.array([5.0, 4, 3, 2, 1, 0.5, 0.2, 0.1])) is None        # bends most at the start
     assert corner_index(np.array([-1.0, -1, -1, -0.5, -0.8, -1, -1, -1])) is None  # no positive bend
+    hidden = np.array([9.0, 8, 7, 1, 2, 1, 0.5, 0.8, 0.6, 0.1, 0.0])          # falls, two bumps after
+    assert corner_index(hidden) is None and shoulder_index(hidden) == 7           # the later bump
 
 
 def test_a_bad_grid_is_one_clear_error():

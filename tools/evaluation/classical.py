@@ -1,6 +1,7 @@
 """The classical chains' reconstruction core as `pisf evaluate` methods.
 
-    pisf evaluate --model none --method grappa=tools.evaluation.classical:grappa \
+    pisf evaluate --model none --method classical=tools.evaluation.classical:classical \
+                  --method grappa=tools.evaluation.classical:grappa \
                   --method sense=tools.evaluation.classical:sense --method sense_l1=tools.evaluation.classical:sense_l1
 
 Each factory returns method(image_kspace, mask, calibration_kspace) -> magnitude image, calling
@@ -46,6 +47,11 @@ def _env_options() -> dict:
 
 def grappa():
     return _method("grappa")
+
+
+def classical():
+    """The classical chain's core: GRAPPA or SENSE (automatic lambda) per case geometry."""
+    return _method("classical")
 
 
 def sense():

@@ -57,6 +57,9 @@ def table(results: dict, fixed: dict) -> str:
             "sense - fixed", "grappa", "grappa - tuned", "seconds: BART tuned / fixed / sense / grappa"]
     if l1:
         head += ["BART l1 tuned", "sense_l1", "sense_l1 - l1 tuned", "seconds: BART l1 / sense_l1"]
+    chosen = any("classical" in r["metrics"] for r in rows)
+    if chosen:
+        head += ["classical", "classical - tuned", "seconds: classical"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     deltas = {"sense_tuned": [], "sense_fixed": [], "grappa_tuned": [], "grappa_fixed": []}
     speed = {"sense": [], "grappa": []}
@@ -87,8 +90,11 @@ def table(results: dict, fixed: dict) -> str:
             l1_speed.append(s["sense_l1"] / s["bart_l1_espirit"])
             line += (f" {cell(m['bart_l1_espirit'])} | {cell(m['sense_l1'])} | {d_l1:+.2f} "
                      f"| {s['bart_l1_espirit']:.2f} / {s['sense_l1']:.2f} |")
+        if chosen and "classical" in m:
+            line += f" {cell(m['classical'])} | {m['classical']['psnr'] - tuned:+.2f} | {s['classical']:.2f} |"
         lines.append(line)
     n = len(deltas["sense_tuned"])
+    lines += ["", *layout_summary(rows)]
     if n:
         lines += ["", f"{n} cases. PSNR difference (dB), mean / min / cases within 0.5 dB or better:", ""]
         for key, values in deltas.items():
@@ -159,6 +165,40 @@ def lambda_study(datasets: list, log=print) -> str:
     return "\n".join(lines) + "\n"
 
 
+SUMMARY_METHODS = (("bart_sense_l2", "BART l2 tuned"), ("bart_l1_espirit", "BART l1 tuned"), ("classical", "classical"),
+                   ("sense", "sense"), ("grappa", "grappa"), ("sense_l1", "sense_l1"))
+
+
+def layout_summary(rows: list[dict]) -> list[str]:
+    """Mean PSNR per dataset and layout of every method present, and the issue-18 targets: the
+    classical chain against tuned BART SENSE-l2, sense_l1 against tuned BART l1-ESPIRiT."""
+    present = [(key, label) for key, label in SUMMARY_METHODS if any(key in r["metrics"] for r in rows)]
+    out = ["| dataset | layout | cases | " + " | ".join(label for _, label in present) + " |",
+           "|---|---|---:|" + "---:|" * len(present)]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["layout"]), []).append(r)
+    for (dataset, layout), group in groups.items():
+        cells = []
+        for key, _ in present:
+            values = [r["metrics"][key]["psnr"] for r in group if key in r["metrics"]]
+            cells.append(f"{np.mean(values):.2f}" if values else "-")
+        out.append(f"| {dataset} | {layout} | {len(group)} | " + " | ".join(cells) + " |")
+    out.append("")
+    for ours, anchor, floor in (("classical", "bart_sense_l2", -1.5), ("sense", "bart_sense_l2", -1.5),
+                                ("grappa", "bart_sense_l2", -1.5), ("sense_l1", "bart_l1_espirit", -2.0)):
+        pairs = [(r["metrics"][ours]["psnr"] - r["metrics"][anchor]["psnr"], r) for r in rows
+                 if ours in r["metrics"] and anchor in r["metrics"]]
+        if not pairs:
+            continue
+        values = np.asarray([d for d, _ in pairs])
+        worst = min(pairs, key=lambda p: p[0])[1]
+        out.append(f"- {ours} - {anchor}: mean {values.mean():+.2f} dB, min {values.min():+.2f} "
+                   f"({worst['dataset']} {worst['case']}), cases below {floor:g} dB: {int(np.sum(values < floor))} "
+                   f"of {values.size}")
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tools.evaluation.datasets import DEFAULT_DATA
     parser.add_argument("run", nargs="?", type=Path, default=Path("runs/eval_classical"),
@@ -172,9 +212,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.lambda_study is not None:
+        from tools.cli import created_directory
         from tools.evaluation.datasets import load_datasets
         text = lambda_study(load_datasets(args.data, args.datasets))
-        args.lambda_study.mkdir(parents=True, exist_ok=True)
+        created_directory(args.lambda_study)
         (args.lambda_study / "lambda_study.md").write_text(text)
         print(text)
         return 0
