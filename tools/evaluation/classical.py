@@ -66,5 +66,11 @@ def sense_fixed():
 
 
 def sense_l1():
-    """The sense chain with `regulariser: l1` (Haar-wavelet l1, FISTA)."""
+    """The sense chain with `regulariser: l1` (Haar-wavelet l1, FISTA; lambda per scan)."""
     return _method("sense", sense_regulariser="l1")
+
+
+def sense_l1_fixed():
+    """sense_l1 at the fixed lambda it used before the automatic choice."""
+    from gadgets.classical import FIXED_SENSE_L1_LAMBDA
+    return _method("sense", sense_regulariser="l1", sense_l1_lambda=FIXED_SENSE_L1_LAMBDA)
