@@ -51,6 +51,10 @@ DEFAULT_GRID = 64            # calibration grid points per axis (espirit_maps)
 # 1 above SECOND_MAP_RAMP[1] (`second_map_weight`).
 SECOND_MAP_LEVEL = 0.9
 SECOND_MAP_SHARE = 0.07
+# ramp measured (two-map SENSE, lambda best of 0.001-0.1 per case, mean over the folded dev sets):
+# (0.8, 0.9) brain16_folded 32.65 / phantom_folded 27.83 dB; (0.9, 0.95) 31.48 / 28.07; step at
+# 0.95 (BART's crop) 30.52 / 27.89; (0.7, 0.9) 32.32 / 27.67: the brain's 12-line cases reach
+# lambda_2 ~0.97 only, a high ramp drops the second map there (-3 to -5 dB)
 SECOND_MAP_RAMP = (0.8, 0.9)
 SECOND_MAP_ITERATIONS = 6    # deflated power iterations for the second vector (`second_eigenvectors`)
 
