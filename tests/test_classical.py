@@ -345,3 +345,20 @@ def test_classical_chain_stage_announces_sense_where_grappa_is_weak():
     images = [o for o in out if isinstance(o, ReconImage)]
     assert len(images) == 1 and images[0].meta["PISF_Method"] == "SENSE"
     assert len(notices) == 1 and "GRAPPA weak here (irregular" in notices[0]
+
+
+def test_classical_chain_through_the_server_names_its_choice(server, tmp_path):
+    few = tmp_path / "few.h5"
+    truth = simulate(few, matrix=64, coils=4, accel=3, acs=16, noise=0.01, seed=3)["rss"][0, 0]
+    result = replay(few, *server.address, config="classical")
+    assert result.closed and result.error is None and not result.errors, result.texts
+    image = result.images[0].image
+    assert image.image_series_index == 5 and image.meta["PISF_Method"] == "SENSE"
+    assert image.meta["PISF_MethodChoice"].startswith("SENSE: GRAPPA weak here (4 coils for a gap of")
+    assert image.meta["PISF_LambdaChoice"].startswith("auto (") and float(image.meta["PISF_Lambda"]) > 0
+    assert any("GRAPPA weak here" in text for text in result.texts)
+    assert psnr(truth, scale_match(image.data[0, 0].astype(float), truth)) > 25
+    many = tmp_path / "many.h5"
+    simulate(many, matrix=64, coils=16, accel=2, acs=16, noise=0.01, seed=3)
+    image = replay(many, *server.address, config="classical").images[0].image
+    assert image.meta["PISF_Method"] == "GRAPPA" and "PISF_Lambda" not in image.meta
