@@ -12,6 +12,7 @@ import sys
 import time
 
 import h5py
+import numpy as np
 import pytest
 
 from gadgets.wire.client import read_raw
@@ -212,3 +213,127 @@ def test_a_missing_output_directory_is_made_and_announced(capsys, tmp_path):
     code, stdout, _ = run_cli(capsys, "simulate", "--out", out, "--matrix", "32", "--coils", "2")
     assert code == 0 and out.is_file()
     assert f"created directory {out.parent}" in stdout.splitlines()
+
+
+# ---------------------------------------------------------------- the loose ends: serve, bench-model, demo, convert
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--port", "70000"], "--port 70000 is not a TCP port; choose one in 0..65535"),
+    (["--tls-key", "key.pem"], "--tls-key was given without --tls-cert; add --tls-cert"),
+    (["--tls-cert", "{tmp}/none.pem"],
+     "cannot load the TLS certificate/key ({tmp}/none.pem, key in cert): No such file or directory; give a PEM"),
+    (["--default-chain", "nosuch"], "--default-chain 'nosuch' is not a chain in "),
+    (["--config-dir", "{tmp}"], "no chains in {tmp}; put chain YAML files"),
+    (["--config-dir", "{tmp}/none"], "--config-dir {tmp}/none: no such directory; give the directory"),
+    (["--max-connections", "0"], "--max-connections 0 would turn every scan away; give 1 or more"),
+    (["--io-timeout", "0"], "--io-timeout 0: a client may not be silent for 0 s or less"),
+    (["--max-message-mb", "-1"], "--max-message-mb -1 admits no frame"),
+    (["--max-slices-in-flight", "0"], "--max-slices-in-flight 0 admits no slice; give 1 or more"),
+    (["--server-budget-mib", "0"], "--connection-budget-mib 256 / --server-budget-mib 0: a budget of 0 or less"),
+    (["--malloc-arenas", "-1"], "--malloc-arenas -1 is negative; give 0"),
+])
+def test_serve_startup_errors_say_what_to_do(capsys, tmp_path, argv, expected):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, _, err = run_cli(capsys, "serve", "--port", "0", *argv)
+    assert code == 2
+    [line] = lines_of(err)
+    assert ERROR_LINE.match(line), line
+    assert line.startswith(f"pisf serve: error: {expected.replace('{tmp}', str(tmp_path))}"), line
+
+
+def test_serve_on_a_port_in_use_says_what_to_do(capsys):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        code, _, err = run_cli(capsys, "serve", "--port", taken.getsockname()[1])
+    [line] = lines_of(err)
+    assert code == 2 and ERROR_LINE.match(line) and "choose another with --port" in line, line
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["bench-model", "{tmp}/none.onnx"], "{tmp}/none.onnx: no such file; give an ONNX model"),
+    (["bench-model", "{tmp}/m.onnx:nosuch=1"], "model option 'nosuch=1'"),
+    (["demo", "--slices", "0", "--out", "{tmp}/demo"], "--slices 0: must be at least 1; see `pisf demo --help`"),
+    (["demo", "--matrix", "15", "--out", "{tmp}/demo"], "--matrix 15: must be even and at least 16"),
+    (["demo", "--chains", "nosuch", "--out", "{tmp}/demo"], "unknown chain(s) nosuch; choose from "),
+    (["demo", "--out", "{tmp}/a_file"], "--out {tmp}/a_file is a file; give a directory"),
+])
+def test_more_commands_refuse_bad_values_in_one_line(capsys, tmp_path, argv, expected):
+    (tmp_path / "a_file").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    [line] = lines_of(err)
+    assert ERROR_LINE.match(line), line
+    assert line.startswith(f"pisf {argv[0]}: error: {expected.replace('{tmp}', str(tmp_path))}"), line
+    assert not (tmp_path / "demo").exists() and "simulating" not in out  # refused before any work
+
+
+def test_convert_warnings_carry_the_command_name(capsys, tmp_path):
+    """A BART file 2D-undersampled within lines converts with a warning (no ground truth)."""
+    kspace = np.zeros((1, 16, 12, 2), dtype=np.complex64)
+    kspace[0, ::2, :, :] = 1.0  # every other readout sample: holes inside the lines
+    base = tmp_path / "holes"
+    base.with_suffix(".hdr").write_text("# Dimensions\n" + " ".join(map(str, kspace.shape)) + "\n")
+    kspace.ravel(order="F").tofile(base.with_suffix(".cfl"))
+    code, _, err = run_cli(capsys, "convert", base.with_suffix(".cfl"), "--out", tmp_path / "c.h5")
+    assert code == 0, err
+    warnings = lines_of(err)
+    assert warnings and all(line.startswith("pisf convert: warning: ") for line in warnings), warnings
+
+
+# ---------------------------------------------------------------- created_directory in every command writing files
+
+class _Stop(BaseException):
+    """Raised by a stand-in right after the output directory is made: the rest of the command is not the point."""
+
+
+def _stop(*args, **kwargs):
+    raise _Stop
+
+
+def test_every_command_writing_files_makes_its_missing_directory_and_says_so(capsys, monkeypatch, tmp_path):
+    import types
+
+    import tools.bench.server
+    import tools.evaluation.classical_table
+    import tools.evaluation.datasets
+    import tools.rawdata.simulate
+    from tools.evaluation.harness import run_evaluation
+    from tools.training.export import export_model
+    from tools.training.train import TrainingRun
+
+    def announced(path) -> bool:
+        out, _ = capsys.readouterr()
+        return path.is_dir() and f"created directory {path}" in out.splitlines()
+
+    monkeypatch.setattr(tools.rawdata.simulate, "simulate", _stop)      # demo: after its --out is made
+    with pytest.raises(_Stop):
+        cli.main(["demo", "--out", str(tmp_path / "demo" / "run"), "--matrix", "32", "--chains", "zerofill"])
+    assert announced(tmp_path / "demo" / "run")
+
+    monkeypatch.setattr(tools.bench.server, "_bench_data", _stop)
+    with pytest.raises(_Stop):
+        tools.bench.server.run_bench(tmp_path / "bench" / "run", chains=("zerofill",), use_shared=False)
+    assert announced(tmp_path / "bench" / "run")
+
+    run_evaluation([], {}, tmp_path / "eval" / "run", use_bart=False, figure=False, log=lambda *_: None)
+    assert announced(tmp_path / "eval" / "run")
+
+    monkeypatch.setattr(tools.evaluation.datasets, "load_datasets", lambda *args: [])
+    monkeypatch.setattr(tools.evaluation.classical_table, "lambda_study", lambda datasets: "table\n")
+    assert cli.main(["classical-table", "--lambda-study", str(tmp_path / "lambda" / "run")]) == 0
+    assert announced(tmp_path / "lambda" / "run")
+    assert (tmp_path / "lambda" / "run" / "lambda_study.md").read_text() == "table\n"
+
+    pytest.importorskip("torch")
+    model = types.SimpleNamespace(cfg=types.SimpleNamespace(coils=2), eval=lambda: model)
+    monkeypatch.setattr("torch.onnx.export", _stop)
+    with pytest.raises(_Stop):
+        export_model(model, tmp_path / "export" / "models" / "m.onnx", {})
+    assert announced(tmp_path / "export" / "models")
+
+    monkeypatch.setattr("tools.training.train.pick_device", _stop)  # just after the run folder is made
+    with pytest.raises(_Stop):
+        TrainingRun({"model": {}}, tmp_path / "train" / "run")
+    assert announced(tmp_path / "train" / "run")

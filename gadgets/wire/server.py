@@ -652,33 +652,44 @@ def _fail(message: str) -> int:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.config_dir is not None and not args.config_dir.is_dir():
-        return _fail(f"--config-dir {args.config_dir}: no such directory")
+        return _fail(f"--config-dir {args.config_dir}: no such directory; give the directory of chain YAML "
+                     f"files (the package's config/ when left out)")
     repository = ChainRepository(args.config_dir) if args.config_dir else ChainRepository.shared()
     chains = repository.names()
     if not chains:
-        return _fail(f"no chains in {repository.directory} (YAML files with a 'stages' list)")
+        return _fail(f"no chains in {repository.directory}; put chain YAML files (with a 'stages' list) there, "
+                     f"or leave out --config-dir for the package's config/")
     if args.default_chain is None:
         args.default_chain = "pisf" if "pisf" in chains else chains[0]
     elif args.default_chain not in chains:
-        return _fail(f"--default-chain {args.default_chain!r} is not a chain in {repository.directory} "
-                     f"(chains: {', '.join(chains)})")
+        return _fail(f"--default-chain {args.default_chain!r} is not a chain in {repository.directory}; "
+                     f"choose one of {', '.join(chains)}")
     if not 0 <= args.port <= 65535:
-        return _fail(f"--port {args.port} is not a TCP port (0..65535)")
+        return _fail(f"--port {args.port} is not a TCP port; choose one in 0..65535 (0: any free port)")
+    if args.max_connections < 1:
+        return _fail(f"--max-connections {args.max_connections} would turn every scan away; give 1 or more")
+    if not args.io_timeout > 0:
+        return _fail(f"--io-timeout {args.io_timeout:g}: a client may not be silent for 0 s or less; give seconds "
+                     f"above 0 (scanners pause between lines)")
+    if not args.max_message_mb > 0:
+        return _fail(f"--max-message-mb {args.max_message_mb:g} admits no frame; give MiB above 0")
     if args.max_slices_in_flight is not None and args.max_slices_in_flight < 1:
-        return _fail(f"--max-slices-in-flight {args.max_slices_in_flight}: at least 1")
+        return _fail(f"--max-slices-in-flight {args.max_slices_in_flight} admits no slice; give 1 or more")
     if args.connection_budget_mib <= 0 or args.server_budget_mib <= 0:
-        return _fail(f"--connection-budget-mib {args.connection_budget_mib:g} and --server-budget-mib "
-                     f"{args.server_budget_mib:g} must be positive")
+        return _fail(f"--connection-budget-mib {args.connection_budget_mib:g} / --server-budget-mib "
+                     f"{args.server_budget_mib:g}: a budget of 0 or less admits no data; give both in MiB, above 0")
     if args.malloc_arenas < 0:
-        return _fail(f"--malloc-arenas {args.malloc_arenas}: 0 (glibc's default) or more")
+        return _fail(f"--malloc-arenas {args.malloc_arenas} is negative; give 0 (glibc's default) or more")
     memory.limit_arenas(args.malloc_arenas)  # before any connection thread allocates
     limits = protocol.Limits(max_message_bytes=int(args.max_message_mb * 1024 * 1024))
     if args.tls_key and not args.tls_cert:
-        return _fail("--tls-key needs --tls-cert")
+        return _fail("--tls-key was given without --tls-cert; add --tls-cert CERT.pem (or leave out --tls-key)")
     try:
         ssl_context = server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
     except (OSError, ssl.SSLError) as exc:
-        return _fail(f"cannot load the TLS certificate/key ({args.tls_cert}, {args.tls_key or 'key in cert'}): {exc}")
+        return _fail(f"cannot load the TLS certificate/key ({args.tls_cert}, {args.tls_key or 'key in cert'}): "
+                     f"{getattr(exc, 'strerror', None) or exc}; give a PEM certificate and its unencrypted PEM key "
+                     f"(--tls-key, or in the certificate file)")
     try:
         server = ReconServer(args.host, args.port, repository, limits, args.max_connections, args.io_timeout,
                              ssl_context=ssl_context, default_chain=args.default_chain,
@@ -692,8 +703,9 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"no permission to listen on {args.host}:{args.port} (ports below 1024 need root); "
                          f"choose another with --port")
         if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
-            return _fail(f"cannot listen on {args.host!r}: not an address of this machine ({exc.strerror or exc})")
-        return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+            return _fail(f"cannot listen on {args.host!r}: not an address of this machine ({exc.strerror or exc}); "
+                         f"give one of its addresses with --host (127.0.0.1 local only, 0.0.0.0 every interface)")
+        return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; check --host and --port")
     if ssl_context is not None:
         log.info("TLS on: certificate %s", args.tls_cert)
 

@@ -170,8 +170,9 @@ def run_evaluation(datasets: list[Dataset], methods: dict[str, Method], out: str
     """Every case of every dataset; writes OUT/results.json, results.md, figure_<dataset>.png.
     extra_rows / extra_datasets: rows (same format) and dataset descriptions evaluated elsewhere
     (the 2D-Poisson brain). Returns the summary written to results.json."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from tools.cli import created_directory
+
+    out = created_directory(out)
     if use_bart:
         from tools.evaluation.bart import bart_available
         if not bart_available():

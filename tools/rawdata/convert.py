@@ -410,7 +410,7 @@ def convert(input_path: Path | str, out_path: Path | str, fmt: str | None = None
     """Convert one file; returns a summary. Raises ConvertError on bad input (no output file then)."""
     import ismrmrd.xsd as xsd
 
-    warn = warn or (lambda text: print(f"warning: {text}", file=sys.stderr))
+    warn = warn or (lambda text: print(f"pisf convert: warning: {text}", file=sys.stderr))
     input_path, out_path = Path(input_path), Path(out_path)
     _check_paths(input_path, out_path)
     start = time.perf_counter()

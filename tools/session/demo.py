@@ -10,7 +10,6 @@ cine (`--phases N`), an animated GIF per slice.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from gadgets.chain import ChainRepository
@@ -31,9 +30,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--realtime", action="store_true", help="pace lines by their time stamps")
 
 
-def _fail(message: str) -> int:
-    print(f"pisf demo: error: {message}", file=sys.stderr)
-    return 2
+def _problem(args: argparse.Namespace) -> str | None:
+    """The first value the demo cannot simulate, as `what; what to do` (None: all fine)."""
+    checks = [(args.matrix >= 16 and args.matrix % 2 == 0, f"--matrix {args.matrix}: must be even and at least 16"),
+              (args.coils >= 1, f"--coils {args.coils}: must be at least 1"),
+              (args.slices >= 1, f"--slices {args.slices}: must be at least 1"),
+              (args.phases >= 1, f"--phases {args.phases}: must be at least 1"),
+              (args.accel >= 1, f"--accel {args.accel}: must be at least 1"),
+              (args.acs >= 0, f"--acs {args.acs}: must be 0 or more")]
+    for fine, message in checks:
+        if not fine:
+            return f"{message}; see `pisf demo --help`"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,24 +49,29 @@ def run(args: argparse.Namespace) -> int:
     from tools.session.report import format_table, panels_from_images, write_report
     from tools.rawdata.simulate import simulate
 
+    from tools.cli import CommandError, created_directory
+
     out = args.out
     if out.exists() and not out.is_dir():
-        return _fail(f"--out {out} is a file; give a directory")
+        raise CommandError(f"--out {out} is a file; give a directory")
+    problem = _problem(args)
+    if problem:
+        raise CommandError(problem)
     available = ChainRepository.shared().names()
     chains = args.chains or available
     chains = sorted(chains, key=lambda chain: chain != "zerofill")  # the baseline first, in tables and figures
     unknown = [c for c in chains if c not in available]
     if unknown:
-        return _fail(f"unknown chain(s) {', '.join(unknown)}; available: {', '.join(available)}")
-    out.mkdir(parents=True, exist_ok=True)
+        raise CommandError(f"unknown chain(s) {', '.join(unknown)}; choose from {', '.join(available)}")
+    created_directory(out)
     raw_path = out / "raw.h5"
     print(f"1/3 simulating {args.slices} slices x {args.phases} phase(s), {args.matrix}x{args.matrix}, "
           f"{args.coils} coils, R={args.accel}")
     try:
         simulated = simulate(raw_path, matrix=args.matrix, coils=args.coils, accel=args.accel, acs=args.acs,
                              slices=args.slices, phases=args.phases, verbose=True)
-    except ValueError as exc:
-        return _fail(str(exc))
+    except ValueError as exc:   # combinations simulate() checks itself (partial Fourier vs ACS)
+        raise CommandError(f"{exc}; see `pisf simulate --help` for what can be simulated") from exc
     truth = GroundTruth(rss=simulated["rss"], path="/dataset/pisf_groundtruth")
 
     port = free_port()
@@ -66,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = start_server_process(port, out / "server.log")
     except RuntimeError as exc:
-        return _fail(str(exc))
+        raise CommandError(str(exc)) from exc  # says which log to read
     failures = 0
     panels = {}
     images_path = out / "images.h5"

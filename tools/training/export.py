@@ -59,8 +59,10 @@ def export_model(model, out_path: str | Path, metadata: dict, example_rows: int 
     model = model.eval()
     signature = Signature(model)
     example = signature.example(example_rows, example_ny, torch.Generator().manual_seed(0))
+    from tools.cli import created_directory
+
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    created_directory(out_path.parent)
     dynamic = {name: {0: "rows", 2: "ny"} for name in signature.inputs + [signature.output]}
     if signature.sense:       # contract 2 takes any number of virtual coils
         dynamic["kspace"][1] = dynamic["sens"][1] = "channels"

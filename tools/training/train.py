@@ -139,8 +139,9 @@ class TrainingRun:
 
         from tools.training.synth import SynthConfig, Synthesizer
 
-        self.cfg, self.out = cfg, out
-        out.mkdir(parents=True, exist_ok=True)
+        from tools.cli import created_directory
+
+        self.cfg, self.out = cfg, created_directory(out)
         threads = int(cfg.get("threads", 0) or 0)
         if threads > 0:
             torch.set_num_threads(threads)
