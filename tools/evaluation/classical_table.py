@@ -1,6 +1,7 @@
 """The classical chains against BART, from a `pisf evaluate` run with the chains' cores as methods:
 
-    pisf evaluate --model none --method grappa=tools.evaluation.classical:grappa \
+    pisf evaluate --model none --method classical=tools.evaluation.classical:classical \
+                  --method grappa=tools.evaluation.classical:grappa \
                   --method sense=tools.evaluation.classical:sense \
                   --method sense_l1=tools.evaluation.classical:sense_l1 --out runs/eval_classical
     pisf classical-table runs/eval_classical
@@ -10,7 +11,8 @@ tools/evaluation/bart.py), BART SENSE-l2 at one fixed setting for every case (`e
 `pics -l2 -r 0.01`, 100 iterations: like the chains, no per-case tuning; from the anchors' disk
 cache, computed when missing), the sense and grappa chains' cores; PSNR / SSIM and seconds
 (BART: ecalib + pics, single-threaded; ours: the call); with a sense_l1 method also BART
-l1-ESPIRiT (tuned) against it. Writes OUT/classical_table.md. With a `classical` method (the
+l1-ESPIRiT (tuned) against it; then the mean PSNR per dataset and layout of every method and the
+issue-18 targets (classical against tuned BART SENSE-l2, sense_l1 against tuned BART l1). Writes OUT/classical_table.md. With a `classical` method (the
 classical chain's core, tools/evaluation/classical.py) also its column and summary.
 
 `pisf classical-table --lambda-study OUT --datasets ...` instead sweeps the sense core's Tikhonov
