@@ -326,6 +326,9 @@ def test_every_command_writing_files_makes_its_missing_directory_and_says_so(cap
     assert announced(tmp_path / "lambda" / "run")
     assert (tmp_path / "lambda" / "run" / "lambda_study.md").read_text() == "table\n"
 
+    assert cli.main(["fuzz", "--frames", "2", "--loopback", "0", "--json", str(tmp_path / "fuzz" / "r.json")]) == 0
+    assert announced(tmp_path / "fuzz") and (tmp_path / "fuzz" / "r.json").is_file()
+
     pytest.importorskip("torch")
     model = types.SimpleNamespace(cfg=types.SimpleNamespace(coils=2), eval=lambda: model)
     monkeypatch.setattr("torch.onnx.export", _stop)

@@ -393,7 +393,8 @@ def run(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary, indent=1))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
+        from tools.cli import created_directory
+        created_directory(args.json.parent)
         args.json.write_text(json.dumps(summary, indent=1))
     ok = (report.crashes == 0 and report.loopback_crashes == 0 and report.peak_allocation_bytes < report.limit_bytes
           and report.server_alive_after in (None, True))
