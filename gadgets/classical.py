@@ -24,7 +24,8 @@ import numpy as np
 
 from .context import InputError, StreamContext
 from .items import KSpaceSlice, Notice, ReconImage
-from .numerics.calibration import compressed_maps, sense_calibration_options
+from .numerics.calibration import (ESPIRIT_CROP_FROM_ACCELERATION, compressed_calibration, cropped_maps,
+                                   espirit_crop_level, sense_calibration_options)
 from .numerics.coils import coil_compression_matrix, compress, root_sum_of_squares
 from .numerics.fft import ifftc
 from .numerics.grappa import DEFAULT_KX_TAPS, DEFAULT_KY_SOURCES, grappa_fill, grappa_weakness
@@ -84,13 +85,15 @@ class ClassicalOptions:
     sense_l1_lambda: float | str = DEFAULT_SENSE_L1_LAMBDA     # "auto" or a number
     sense_l1_iterations: int = DEFAULT_SENSE_L1_ITERATIONS
     virtual_coils: int = DEFAULT_VIRTUAL_COILS
+    espirit_crop: str = "auto"          # auto: `espirit_crop_level`'s rule per image; off: never crop
 
 
 def reconstruct_classical(data: SliceData, method: str, options: ClassicalOptions | None = None,
-                          maps: tuple[np.ndarray, np.ndarray] | None = None) -> ClassicalImage:
+                          maps: tuple[np.ndarray, ...] | None = None) -> ClassicalImage:
     """GRAPPA or SENSE image of one slice; zero-filled (with a note saying why) when the slice
-    has too few reference lines to calibrate. maps: (compression matrix, ESPIRiT maps) already
-    computed by `compressed_maps` on this slice's reference block (SENSE reuses them)."""
+    has too few reference lines to calibrate. maps: (compression matrix, ESPIRiT maps[, eigenvalue
+    maps]) already computed by `compressed_calibration` on this slice's reference block (SENSE reuses
+    them, uncropped: the eigenvalue crop is this slice's, by its R; without eigenvalues, no crop)."""
     if method not in CHOICES:
         raise ValueError(f"classical method {method!r}; known: {', '.join(CHOICES)}")
     options = options or ClassicalOptions()
@@ -122,9 +125,12 @@ def reconstruct_classical(data: SliceData, method: str, options: ClassicalOption
                      "PISF_GrappaLinesSynthesised": str(int(fill.synthesised.sum()))})
         result = ClassicalImage("grappa", magnitude.astype(np.float32), description, meta)
     else:
-        matrix, coil_maps = maps if maps is not None else compressed_maps(
+        matrix, coil_maps, *eigenvalues = maps if maps is not None else compressed_calibration(
             centre_region(block, *SENSE_CALIBRATION_REGION), data.kspace.shape[1:], options.virtual_coils,
             **sense_calibration_options(lines))    # two ESPIRiT maps where the object folds
+        coil_maps, crop = espirit_crop(coil_maps, eigenvalues[0] if eigenvalues else None, data.acceleration,
+                                       options.espirit_crop)
+        meta["PISF_EspiritCrop"] = crop
         measured = compress(data.kspace * data.mask[None, :, None], matrix)
         if options.sense_regulariser == "l1":
             hybrid = ifftc(measured, axes=(-1,))
@@ -149,6 +155,24 @@ def reconstruct_classical(data: SliceData, method: str, options: ClassicalOption
         result = ClassicalImage("sense", np.abs(image).astype(np.float32), description, meta, image=image)
     meta["PISF_ReconMs"] = f"{(time.perf_counter() - started) * 1e3:.1f}"
     return result
+
+
+def espirit_crop(maps: np.ndarray, eigenvalues: np.ndarray | None, acceleration: float,
+                 setting: str) -> tuple[np.ndarray, str]:
+    """(maps for this slice's SENSE, what the meta says): the maps zeroed where their eigenvalue is
+    at or below `espirit_crop_level` (one map, R >= 4: measurement in numerics/calibration.py), a
+    copy, so a cached calibration serves each image uncropped; setting "off": never."""
+    if setting not in ("auto", "off"):
+        raise ValueError(f"espirit_crop must be auto or off, not {setting!r}")
+    if setting == "off":
+        return maps, "none (off)"
+    if eigenvalues is None:
+        return maps, "none (no eigenvalue map)"
+    level = espirit_crop_level(maps, acceleration)
+    if level <= 0:
+        why = "two maps" if maps.ndim == 4 else f"R {acceleration:.2f} below {ESPIRIT_CROP_FROM_ACCELERATION:g}"
+        return maps, f"none ({why})"
+    return cropped_maps(maps, eigenvalues, level), f"{level:g} (one map, R {acceleration:.2f})"
 
 
 def reference_is_data(data: SliceData) -> bool:
@@ -206,6 +230,15 @@ def lambda_setting(value) -> float | str:
     return number
 
 
+def crop_setting(value) -> str:
+    """A stage's `espirit_crop` value: auto (or true) or off (or false; YAML reads a bare off as false)."""
+    if value is True or str(value).strip().lower() == "auto":
+        return "auto"
+    if value is False or str(value).strip().lower() == "off":
+        return "off"
+    raise ValueError(f"espirit_crop must be auto or off, not {value!r}")
+
+
 def classical_options(lam: float | str | None, method: str, **options) -> ClassicalOptions:
     """ClassicalOptions from stage parameters (`lam` applies to the stage's own method and
     regulariser)."""
@@ -235,7 +268,7 @@ class ClassicalRecon:
     def __init__(self, context: StreamContext, regularisation: float | None = None,
                  virtual_coils: int = DEFAULT_VIRTUAL_COILS, acs_as_data: str | bool = "auto",
                  iterations: int | None = None, ky_sources: int = DEFAULT_KY_SOURCES,
-                 kx_taps: int = DEFAULT_KX_TAPS, regulariser: str = "l2"):
+                 kx_taps: int = DEFAULT_KX_TAPS, regulariser: str = "l2", espirit_crop: str | bool = "auto"):
         self.context = context
         self.acs_as_data = acs_as_data_default(context, acs_as_data)
         counts = {}
@@ -243,7 +276,8 @@ class ClassicalRecon:
             counts["sense_l1_iterations" if regulariser == "l1" else "sense_iterations"] = int(iterations)
         self.options = classical_options(regularisation, self.method, virtual_coils=int(virtual_coils),
                                          ky_sources=int(ky_sources), kx_taps=int(kx_taps),
-                                         sense_regulariser=str(regulariser), **counts)
+                                         sense_regulariser=str(regulariser),
+                                         espirit_crop=crop_setting(espirit_crop), **counts)
         self.noted: set[str] = set()
         # the sense calibration (reconstruct_classical's): a reference_prep stage may prepare it ahead
         self.recipe = (CalibrationRecipe(self.options.virtual_coils, SENSE_CALIBRATION_REGION, sense_options=True)
@@ -268,7 +302,8 @@ class ClassicalRecon:
         planes = partitions(item, self.acs_as_data)
         calibration = prepared_calibration(item, self.recipe) if len(planes) == 1 else None
         results = [reconstruct_classical(data, self.method, self.options,
-                                         maps=calibration.maps_pair if calibration else None) for data in planes]
+                                         maps=calibration.sense_calibration if calibration else None)
+                   for data in planes]
         first = results[0]
         if first.note and first.note not in self.noted:
             self.noted.add(first.note)

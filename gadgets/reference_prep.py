@@ -38,7 +38,7 @@ import numpy as np
 
 from .context import StreamContext
 from .items import KSpaceSlice, ReferenceData
-from .numerics.calibration import compressed_maps, sense_calibration_options
+from .numerics.calibration import compressed_calibration, sense_calibration_options
 from .numerics.reference import MIN_CALIBRATION_REFERENCE_LINES, centre_region, reference_run
 from .slices import calibration_mode
 
@@ -59,12 +59,14 @@ class CalibrationRecipe:
     maps: int | str = 1              # "auto": two ESPIRiT maps where the object folds (PISF: the guard's sign)
     sense_options: bool = False      # the sense chain's options (`sense_calibration_options`)
 
-    def compute(self, block: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def compute(self, block: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(compression matrix, maps, eigenvalue maps): uncropped, since the crop depends on the R
+        of each image that takes the calibration (classical.py crops per image)."""
         lines = block.shape[1]
         if self.region is not None:
             block = centre_region(block, *self.region)
         options = sense_calibration_options(lines) if self.sense_options else {"maps": self.maps}
-        return compressed_maps(block, shape, self.virtual_coils, **options)
+        return compressed_calibration(block, shape, self.virtual_coils, **options)
 
 
 class CalibrationTask:
@@ -113,8 +115,9 @@ class CalibrationTask:
         with self._lock:
             reused = self.uses > 0
             self.uses += 1
-        matrix, maps = self._result
-        return CalibrationUse(matrix, maps, self.seconds, held, self.where, reused, self.started)
+        matrix, maps, *eigenvalues = self._result
+        return CalibrationUse(matrix, maps, self.seconds, held, self.where, reused, self.started,
+                              eigenvalues[0] if eigenvalues else None)
 
 
 @dataclass
@@ -127,10 +130,16 @@ class CalibrationUse:
     where: str                  # background | inline
     reused: bool                # computed for an earlier image of this slice position
     started: float              # time.monotonic() when its computation began
+    eigenvalues: np.ndarray | None = None   # ESPIRiT eigenvalue maps [ny, nx] ([2, ny, nx] with two maps)
 
     @property
     def maps_pair(self) -> tuple[np.ndarray, np.ndarray]:
         return self.matrix, self.maps
+
+    @property
+    def sense_calibration(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(matrix, maps, eigenvalues) as reconstruct_classical takes them (it crops per image)."""
+        return self.matrix, self.maps, self.eigenvalues
 
     def meta(self, first_line_time: float | None = None) -> dict[str, str]:
         meta = {"PISF_CalibrationMs": f"{self.seconds * 1e3:.1f}",
@@ -217,7 +226,8 @@ class PreparedReference:
 
     def task(self, recipe: CalibrationRecipe) -> tuple[CalibrationTask, bool]:
         block, shape = self.block, self.shape
-        nbytes = 8 * min(block.shape[0], recipe.virtual_coils) * (shape[0] * shape[1] + block.shape[0])
+        nbytes = (8 * min(block.shape[0], recipe.virtual_coils) * (shape[0] * shape[1] + block.shape[0])
+                  + 4 * shape[0] * shape[1])             # + the eigenvalue map
         compute = lambda: recipe.compute(block, shape)       # noqa: E731 (closes over this block only)
         if self.cache is None:
             return CalibrationTask(compute, nbytes), True

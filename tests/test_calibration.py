@@ -246,3 +246,73 @@ def test_folded_dataset_wraps_the_parents_coil_images():
     assert np.abs(scale * got - wrapped).max() < 1e-5 * np.abs(wrapped).max()
     assert folded.reference.max() == pytest.approx(1.0)
     assert max(case.R for case in dataset_cases(folded)) == 6
+
+
+def test_eigenvalue_crop_applies_from_r4_with_one_map_and_not_at_r2_or_with_two_maps():
+    """The SENSE core crops one map at ESPIRIT_CROP_LEVEL from R 4 up (the image is zero where the
+    eigenvalue is at or below it), not at R 2, not with two maps (a folded object), never when off."""
+    from gadgets.classical import ClassicalOptions, SliceData, reconstruct_classical
+    from gadgets.numerics.calibration import ESPIRIT_CROP_LEVEL, compressed_calibration
+    from gadgets.numerics.reference import centre_region
+
+    def sense(kspace, mask, lines, crop):
+        data = SliceData(kspace * mask[None, :, None], mask, kspace * lines[None, :, None], lines)
+        return reconstruct_classical(data, "sense", ClassicalOptions(espirit_crop=crop))
+
+    fitting, _, _ = synthetic_scan()
+    folded, _ = folded_scan()
+    lines = centre_lines(64, 24)
+    _, _, eigenvalues = compressed_calibration(centre_region(fitting[:, lines], 32, 64), (64, 64), 16)
+    outside = eigenvalues <= ESPIRIT_CROP_LEVEL
+    assert 0 < outside.mean() < 0.5                     # the crop has pixels to zero, the object keeps most
+    for kspace, acceleration, expected in ((fitting, 4, "0.8 (one map, R 4.00)"), (fitting, 2, "none (R 2.00 below 4)"),
+                                           (folded, 4, "none (two maps)")):
+        mask = np.zeros(64, np.float32)
+        mask[::acceleration] = 1                          # a separate reference: R is the image lines' alone
+        auto, off = sense(kspace, mask, lines, "auto"), sense(kspace, mask, lines, "off")
+        assert auto.meta["PISF_EspiritCrop"] == expected and off.meta["PISF_EspiritCrop"] == "none (off)"
+        if expected.startswith("none"):
+            assert np.array_equal(auto.magnitude, off.magnitude)
+        else:
+            assert auto.magnitude[outside].max() == 0 and off.magnitude[outside].min() > 0
+            assert np.abs(auto.magnitude[~outside] - off.magnitude[~outside]).max() > 0
+
+
+def test_a_cached_calibration_gives_each_image_the_crop_of_its_own_r():
+    """One separate reference, calibrated once (reference_prep's cache), serves images at R 4, 2, 4:
+    each is the image it would be calibrated alone (cropped, uncropped, cropped), so the crop of
+    the first never reaches the cached maps the second takes."""
+    import logging
+
+    from gadgets.classical import SenseRecon
+    from gadgets.items import ReconImage
+    from gadgets.reference_prep import ReferencePrep
+    from tests.test_classical import _Context, slice_item
+
+    class Context(_Context):
+        log = logging.getLogger("test")
+
+        def is_cancelled(self):
+            return False
+
+        def check_cancelled(self, what=""):
+            pass
+
+    kspace, _, _ = synthetic_scan()
+    lines = centre_lines(64, 24)
+    items = []
+    for acceleration in (4, 2, 4):
+        mask = np.zeros(64, np.float32)
+        mask[::acceleration] = 1
+        items.append(slice_item(kspace, mask, lines, separate=True))
+    context = Context("separate")
+    prep, recon = ReferencePrep(context, background=False), SenseRecon(context)
+    images = [o for o in recon(prep(items)) if isinstance(o, ReconImage)]
+    assert [i.meta["PISF_CalibrationReused"] for i in images] == ["false", "true", "true"]
+    assert [i.meta["PISF_EspiritCrop"].split(" ")[0] for i in images] == ["0.8", "none", "0.8"]
+    for item, image in zip(items, images):
+        alone = [o for o in SenseRecon(Context("separate"))([item]) if isinstance(o, ReconImage)][0]
+        assert "PISF_CalibrationReused" not in alone.meta            # calibrated inline, for itself
+        assert alone.meta["PISF_EspiritCrop"] == image.meta["PISF_EspiritCrop"]
+        assert np.array_equal(alone.data, image.data)
+    assert not np.array_equal(images[0].data, images[1].data)

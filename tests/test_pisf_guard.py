@@ -11,7 +11,7 @@ import pytest
 
 from gadgets import pisf as pisf_gadget
 from gadgets.items import Notice, ReconImage
-from gadgets.numerics.calibration import compressed_maps
+from gadgets.numerics.calibration import compressed_calibration, compressed_maps
 from gadgets.numerics.coils import compress
 from gadgets.numerics.fft import ifftc
 from gadgets.numerics.pisf_inference import SliceReconstruction
@@ -270,7 +270,8 @@ def test_espirit_runs_once_per_slice_on_contract_2(stage, monkeypatch):
     residual used): the classical core runs no ESPIRiT of its own on a PISF slice."""
     from gadgets import classical
     calls = []
-    monkeypatch.setattr(classical, "compressed_maps", lambda *a, **k: calls.append(1) or compressed_maps(*a, **k))
+    monkeypatch.setattr(classical, "compressed_calibration",
+                        lambda *a, **k: calls.append(1) or compressed_calibration(*a, **k))
     recon, model = stage(side_by_side="sense")
     kspace, mask, lines = scan()
     _, images = run(recon, slice_item(kspace, mask, lines))

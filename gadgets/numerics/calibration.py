@@ -29,10 +29,11 @@ ESPIRiT (Uecker et al., MRM 2014), computed in the fast way:
    Cost (one thread, CPU time, minimum of 25, 24 x 64 reference blocks; shared machine): one
    map 12-125 ms, two maps 1.05-1.67x, maps="auto" where one map results 1.0-1.5x (timings in
    the issue 18 report).
-No eigenvalue crop by default: on in-vivo brain data a crop at 0.9 cost 10 dB in SENSE (it zeroes
-maps inside the head where the eigenvalue dips), while the regularised solvers keep the
+No eigenvalue crop in the calibration: on in-vivo brain data a crop at 0.9 cost 10 dB in SENSE (it
+zeroes maps inside the head where the eigenvalue dips), while the regularised solvers keep the
 background small anyway. Re-measured for issue 18 (SENSE l2, every dev case): no crop level wins
-on every case (see `espirit_maps`' crop).
+on every case; the SENSE images crop one map at 0.8 from R 4 up (`espirit_crop_level`, applied
+per image since R is known only then: the calibration, shared and cached, keeps its maps).
 """
 from __future__ import annotations
 
@@ -57,6 +58,16 @@ SECOND_MAP_SHARE = 0.07
 # lambda_2 ~0.97 only, a high ramp drops the second map there (-3 to -5 dB)
 SECOND_MAP_RAMP = (0.8, 0.9)
 SECOND_MAP_ITERATIONS = 6    # deflated power iterations for the second vector (`second_eigenvectors`)
+# Eigenvalue crop of the SENSE images (issue 18 part 2, `espirit_crop_level`): one map zeroed where
+# its eigenvalue is <= ESPIRIT_CROP_LEVEL, on slices whose mask has R >= ESPIRIT_CROP_FROM_ACCELERATION
+# (ny / image lines, embedded ACS counted). Measured (l2 SENSE, lambda best of 0.003-0.1 per case,
+# this rule vs no crop, mean / worst case dB): phantom +0.17/-0.16, brain16 +0.57/0.00, cimax
+# +0.40/-0.10, brain16_4ch +0.36/-0.13, phantom_4ch +0.41/0.00; from R 3 up cimax lost -1.43 and
+# brain16_4ch -0.58 on a case (the losses sit at R 2-3, where the data fill the background well);
+# two maps (folded sets): no crop level gained (runs/issue18_maps/crop3_tuned.json). The cached
+# calibrations stay uncropped: R is known only when the image lines have come.
+ESPIRIT_CROP_LEVEL = 0.8
+ESPIRIT_CROP_FROM_ACCELERATION = 4.0
 
 
 def calibration_matrix(reference: np.ndarray, kernel: int) -> np.ndarray:
@@ -507,6 +518,23 @@ def two_maps(vectors: np.ndarray, values: np.ndarray, shape: tuple[int, int], cr
     return np.stack([map_first, map_second]).astype(np.complex64), eigenvalues.astype(np.float32)
 
 
+def espirit_crop_level(maps: np.ndarray, acceleration: float) -> float:
+    """The eigenvalue below which SENSE zeroes the maps of a slice (0.0: no crop): ESPIRIT_CROP_LEVEL
+    for one map [C, ny, nx] at R >= ESPIRIT_CROP_FROM_ACCELERATION, else none (two maps [2, C, ny, nx],
+    lower R; measurement beside the constants)."""
+    if maps.ndim == 3 and acceleration >= ESPIRIT_CROP_FROM_ACCELERATION:
+        return ESPIRIT_CROP_LEVEL
+    return 0.0
+
+
+def cropped_maps(maps: np.ndarray, eigenvalues: np.ndarray, level: float) -> np.ndarray:
+    """maps [C, ny, nx] zeroed where eigenvalues [ny, nx] <= level (a new array: the calibration
+    they came from, possibly cached for other images, keeps its maps); level 0.0: maps as they are."""
+    if level <= 0:
+        return maps
+    return maps * (eigenvalues > level).astype(maps.real.dtype)
+
+
 def band_to_image_grid(values: np.ndarray, rows: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """`to_image_grid` of values [..., py, px] that are zero outside the calibration rows `rows`
     (bool [py]): only those rows along x and only the image rows whose cubic taps touch them
@@ -569,9 +597,17 @@ def compressed_maps(block: np.ndarray, shape: tuple[int, int], virtual_coils: in
     reference block [C, L, nx]: SVD compression to V = min(C, virtual_coils) coils on the block,
     then `espirit_maps` of the compressed block. The calibration step of the SENSE chain and of
     contract 2 (models/CONTRACT.md steps 2-3): data compressed with P match these maps."""
+    matrix, maps, _ = compressed_calibration(block, shape, virtual_coils, **options)
+    return matrix, maps
+
+
+def compressed_calibration(block: np.ndarray, shape: tuple[int, int], virtual_coils: int = 16,
+                           **options) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`compressed_maps` and the eigenvalue maps beside them (`espirit_maps`): what the SENSE
+    images crop by (`espirit_crop_level`) once the slice's R is known."""
     from .coils import coil_compression_matrix, compress
 
     block = np.asarray(block, dtype=np.complex64)
     matrix = coil_compression_matrix(block, min(block.shape[0], int(virtual_coils)))
-    maps, _ = espirit_maps(compress(block, matrix), shape, **options)
-    return matrix, maps
+    maps, eigenvalues = espirit_maps(compress(block, matrix), shape, **options)
+    return matrix, maps, eigenvalues
