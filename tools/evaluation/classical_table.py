@@ -122,8 +122,9 @@ def lambda_study(datasets: list, log=print) -> str:
     """Markdown table: per case the sense core's PSNR at the oracle lambda (best of STUDY_GRID by
     PSNR against the reference), at the automatic lambda and at the fixed default."""
     import time
-    from gadgets.classical import FIXED_SENSE_LAMBDA, SENSE_CALIBRATION_REGION, DEFAULT_VIRTUAL_COILS, sense_lambda
-    from gadgets.numerics.calibration import compressed_maps, sense_calibration_options
+    from gadgets.classical import (FIXED_SENSE_LAMBDA, SENSE_CALIBRATION_REGION, DEFAULT_VIRTUAL_COILS, espirit_crop,
+                                   sense_lambda)
+    from gadgets.numerics.calibration import compressed_calibration, sense_calibration_options
     from gadgets.numerics.coils import compress
     from gadgets.numerics.fft import ifftc
     from gadgets.numerics.reference import centre_region
@@ -140,8 +141,10 @@ def lambda_study(datasets: list, log=print) -> str:
             image_kspace, calibration = undersample(case, dataset.kspace)
             data = SliceData(image_kspace, case.mask.astype(np.float32), calibration, sampled_lines(calibration))
             block, count, _ = data.reference_block()
-            matrix, maps = compressed_maps(centre_region(block, *SENSE_CALIBRATION_REGION), image_kspace.shape[1:],
-                                           DEFAULT_VIRTUAL_COILS, **sense_calibration_options(count))
+            matrix, maps, eigenvalues = compressed_calibration(
+                centre_region(block, *SENSE_CALIBRATION_REGION), image_kspace.shape[1:], DEFAULT_VIRTUAL_COILS,
+                **sense_calibration_options(count))
+            maps, _ = espirit_crop(maps, eigenvalues, data.acceleration, "auto")    # the maps the sense core uses
             hybrid = ifftc(compress(image_kspace, matrix), axes=(-1,))
 
             def score(lam):
