@@ -296,7 +296,8 @@ def test_grappa_weakness_names_random_masks_and_few_coils():
     assert grappa_weakness(regular.mask, 16) is None                   # gap 3: 12 coils wanted embedded
     assert "irregular" in grappa_weakness(irregular.mask, 16)
     assert "8 coils for a gap of 3 lines" in grappa_weakness(regular.mask, 8)
-    assert grappa_weakness(regular.mask, 3, reference_is_data=False) is None   # separate: 3 wanted
+    assert grappa_weakness(regular.mask, 4, reference_is_data=False) is None   # separate: 3.75 wanted
+    assert "3 coils for a gap of 3" in grappa_weakness(regular.mask, 3, reference_is_data=False)
 
 
 def test_classical_choice_picks_sense_on_a_random_mask_with_few_coils_and_says_so():

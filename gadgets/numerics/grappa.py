@@ -160,12 +160,13 @@ def grappa_fill(kspace: np.ndarray, mask: np.ndarray, reference: np.ndarray,
 #   need about 4 coils per line of gap (brain 16 ch gap 4 +1.1, gap 7 +0.4; Cima.X 16 ch gap 4
 #   +0.2, gap 7 -4.9; phantom 8 ch gap 4 -2.3; 4 ch -2 to -3). SENSE keeps that centre as data;
 # - a separate reference (the image lines alone are a pure equispaced mask, gap = R): GRAPPA won
-#   12 of 15 cases with at least as many coils as the gap (8-16 ch R 2-4 +0.3 to +5; 4 ch phantom
-#   R 3-4 +4; 4 ch brain R 2 -0.2, R 3 +0.4, R 4 -2.3). An equispaced mask with an embedded centre
-#   has its commonest gap in 0.67-0.93 of the outer gaps (R 3-8), a random one in 0.12-0.33 (0.5
-#   at R 5 with 7 outer lines).
+#   every case with 8-16 coils (R 2-4: +0.3 to +5 dB); with 4 coils R 2-3 -0.2 to +4, and with 4
+#   coils at R 4 (as many coils as the gap: the kernel inverts at its limit) brain -4.7, phantom
+#   +1.7 (the sense core with two-map calibration): more coils than the gap, 1.25 per line.
+# An equispaced mask with an embedded centre has its commonest gap in 0.67-0.93 of the outer gaps
+# (R 3-8), a random one in 0.12-0.33 (0.5 at R 5 with 7 outer lines).
 REGULAR_FRACTION = 0.6        # share of the outer gaps equal to the commonest gap: a regular pattern
-COILS_PER_GAP = {"embedded": 4.0, "separate": 1.0}
+COILS_PER_GAP = {"embedded": 4.0, "separate": 1.25}
 
 
 def outer_gaps(mask: np.ndarray) -> np.ndarray:
