@@ -182,7 +182,7 @@ def layout_summary(rows: list[dict]) -> list[str]:
            "|---|---|---:|" + "---:|" * len(present)]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["layout"]), []).append(r)
+        groups.setdefault((r["dataset"], r.get("layout", "-")), []).append(r)
     for (dataset, layout), group in groups.items():
         cells = []
         for key, _ in present:
