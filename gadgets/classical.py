@@ -192,10 +192,15 @@ def choose_method(data: SliceData, options: ClassicalOptions) -> tuple[str, str]
     lines, beat SENSE's maps (most with a separate reference: the image lines have no centre)."""
     if options.sense_regulariser == "l1":
         return "sense", "l1 regulariser asked for"
-    weak = grappa_weakness(data.mask, min(data.coils, options.virtual_coils), reference_is_data(data))
+    weak = grappa_weakness_of(data, options.virtual_coils)
     if weak:
         return "sense", f"GRAPPA weak here ({weak})"
     return "grappa", "regular line pattern with coils to spare"
+
+
+def grappa_weakness_of(data: SliceData, virtual_coils: int) -> str | None:
+    """`grappa_weakness` of one slice as GRAPPA would see it (its virtual coils, its reference layout)."""
+    return grappa_weakness(data.mask, min(data.coils, virtual_coils), reference_is_data(data))
 
 
 def sense_lambda(hybrid: np.ndarray, mask: np.ndarray, maps: np.ndarray, setting: float | str) -> tuple[float, str]:
@@ -355,10 +360,11 @@ class GrappaRecon(ClassicalRecon):
     method = "grappa"
 
     def _reconstruct(self, item: KSpaceSlice):
-        """GRAPPA as asked; where the geometry makes it weak, one Notice per scan says so."""
-        data = slice_data(item, self.acs_as_data)
-        weak = grappa_weakness(data.mask, min(data.coils, self.options.virtual_coils), reference_is_data(data))
-        if weak and "weak" not in self.noted:
+        """GRAPPA as asked; where the geometry makes it weak, one Notice per scan says so (checked
+        only until said: later slices would not be announced anyway)."""
+        weak = ("weak" not in self.noted
+                and grappa_weakness_of(slice_data(item, self.acs_as_data), self.options.virtual_coils))
+        if weak:
             self.noted.add("weak")
             yield Notice(f"{item.key}: GRAPPA is weak on this geometry ({weak}); the sense or classical chain "
                          "reconstructs such scans with SENSE (further slices are not announced)")
