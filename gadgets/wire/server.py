@@ -540,7 +540,7 @@ class ReconServer:
                 raise InputError("an image (message id 1022) arrived where raw data was expected")
             if not isinstance(message, ismrmrd.Acquisition):
                 raise InputError(f"unexpected {type(message).__name__} message during the scan")
-            opening.validator.check(message)
+            opening.validator.check_samples(message)  # its header: checked by the reader (payload_check)
             if scan.runner is None:
                 scan.runner = _ChainRunner(opening.spec, opening.context, sender, self.queue_size,
                                            self.budget.connection())
