@@ -400,6 +400,13 @@ def write_images(result: ReplayResult, out_path: Path | str, group: str | None =
     return group
 
 
+def is_image_group(node) -> bool:
+    """An HDF5 node holding ISMRMRD images as `pisf replay -o` writes them (<group>/image_<series>)."""
+    import h5py
+
+    return isinstance(node, h5py.Group) and any(k.startswith("image_") for k in node)
+
+
 def latest_image_group(path: Path | str) -> str | None:
     """The image group written last: by the time write_images stores, else (files of other writers)
     by position in the file (HDF5 appends new objects at its end). None without image groups."""
@@ -408,7 +415,7 @@ def latest_image_group(path: Path | str) -> str | None:
     with _hdf5_lock, h5py.File(path, "r") as h5:
         candidates = []
         for name, node in h5.items():
-            if isinstance(node, h5py.Group) and any(k.startswith("image_") for k in node):
+            if is_image_group(node):
                 written = node.attrs.get(WRITTEN_ATTRIBUTE, "")
                 written = written.decode() if isinstance(written, bytes) else str(written)
                 try:

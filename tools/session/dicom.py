@@ -19,13 +19,12 @@ def _image_group(path: Path, wanted: str | None) -> tuple[str, int]:
     """(group to convert, image groups in the file); a file without images says what it is instead."""
     import h5py
 
-    from gadgets.wire.client import latest_image_group, raw_groups
+    from gadgets.wire.client import is_image_group, latest_image_group, raw_groups
 
     if not path.is_file():
         raise CommandError(f"{path}: no such file; give the file `pisf replay RAW -o FILE` wrote")
     with h5py.File(path, "r") as h5:  # not HDF5 at all: the command boundary says so
-        groups = [name for name, node in h5.items()
-                  if isinstance(node, h5py.Group) and any(k.startswith("image_") for k in node)]
+        groups = [name for name, node in h5.items() if is_image_group(node)]
     if not groups:
         if raw_groups(path):
             raise CommandError(f"{path} holds ISMRMRD raw data, not images; reconstruct it first: "
