@@ -395,7 +395,7 @@ class PisfRecon:
         sampling = sampling_of(item.kspace)
         if sampling.holes_in_lines and item.kspace.shape[1] == 1:
             return self._two_dimensional(item, sampling)
-        started = _StartedSlice(item, time.perf_counter(), partitions(item, self.acs_as_data))
+        started = _StartedSlice(item, time.perf_counter(), partitions(item, self.acs_as_data, sampling))
         data = started.planes[0]
         started.reasons = guard_reasons(data, len(started.planes), self.reconstructor, self.trajectory)
         if started.reasons:

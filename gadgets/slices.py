@@ -19,7 +19,7 @@ from .context import InputError, StreamContext
 from .items import KSpaceSlice
 from .numerics.fft import ifftc
 from .numerics.reference import reference_block
-from .numerics.sampling import sampling_of
+from .numerics.sampling import Sampling, sampling_of
 
 
 def calibration_mode(header) -> str | None:
@@ -89,10 +89,11 @@ def slice_data(item: KSpaceSlice, acs_as_data: bool, partition: int = 0) -> Slic
     return SliceData(kspace, sampled.astype(np.float32), reference, lines)
 
 
-def partitions(item: KSpaceSlice, acs_as_data: bool) -> list[SliceData]:
+def partitions(item: KSpaceSlice, acs_as_data: bool, sampling: Sampling | None = None) -> list[SliceData]:
     """The 2D problems of a slice: itself (2D), or, for a 3D scan undersampled along ky only (the
-    same ky lines in every partition), its partitions after the inverse FFT along kz."""
-    sampling = sampling_of(item.kspace)
+    same ky lines in every partition), its partitions after the inverse FFT along kz. sampling:
+    `sampling_of(item.kspace)` where the caller has it already (a pass over all of the k-space)."""
+    sampling = sampling if sampling is not None else sampling_of(item.kspace)
     if sampling.holes_in_lines:
         # SENSE, GRAPPA and PISF here solve one problem per readout row after the FFT along kx,
         # which is exact only when whole lines are measured
