@@ -132,21 +132,19 @@ def reconstruct_classical(data: SliceData, method: str, options: ClassicalOption
                                        options.espirit_crop)
         meta["PISF_EspiritCrop"] = crop
         measured = compress(data.kspace * data.mask[None, :, None], matrix)
+        hybrid = ifftc(measured, axes=(-1,))
         if options.sense_regulariser == "l1":
-            hybrid = ifftc(measured, axes=(-1,))
             lam, chosen_by = sense_l1_lambda(hybrid, data.mask, coil_maps, options.sense_l1_lambda)
             image = sense_l1_wavelet(hybrid, data.mask, coil_maps, lam=lam, iterations=options.sense_l1_iterations,
                                      per_map=True)
             description = (f"SENSE-l1 (ESPIRiT maps, Haar wavelets, FISTA, lambda {lam:.3g} {chosen_by}, "
                            f"{lines} {source})")
-            meta.update({"PISF_Lambda": f"{lam:.4g}", "PISF_LambdaChoice": chosen_by})
         else:
-            hybrid = ifftc(measured, axes=(-1,))
             lam, chosen_by = sense_lambda(hybrid, data.mask, coil_maps, options.sense_lambda)
             image = sense_tikhonov(hybrid, data.mask, coil_maps, lam=lam, iterations=options.sense_iterations,
                                    per_map=True)
             description = f"SENSE (ESPIRiT maps, CG, lambda {lam:.3g} {chosen_by}, {lines} {source})"
-            meta.update({"PISF_Lambda": f"{lam:.4g}", "PISF_LambdaChoice": chosen_by})
+        meta.update({"PISF_Lambda": f"{lam:.4g}", "PISF_LambdaChoice": chosen_by})
         meta.update({"PISF_Method": "SENSE-l1" if options.sense_regulariser == "l1" else "SENSE",
                      "PISF_VirtualCoils": str(matrix.shape[0]),
                      "PISF_EspiritMaps": str(coil_maps.shape[0] if coil_maps.ndim == 4 else 1),
@@ -299,12 +297,13 @@ class ClassicalRecon:
 
     def _reconstruct(self, item: KSpaceSlice):
         self.context.check_cancelled(f"{item.key}")
+        sampling = None       # computed once: partitions takes it (it refuses holes the 2D path does not take)
         if self.method in ("sense", "classical") and item.kspace.shape[1] == 1:
             sampling = sampling_of(item.kspace)
             if sampling.holes_in_lines:
                 yield from self._sense_2d(item, sampling)
                 return
-        planes = partitions(item, self.acs_as_data)
+        planes = partitions(item, self.acs_as_data, sampling)
         calibration = prepared_calibration(item, self.recipe) if len(planes) == 1 else None
         results = [reconstruct_classical(data, self.method, self.options,
                                          maps=calibration.sense_calibration if calibration else None)
