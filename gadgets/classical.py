@@ -24,8 +24,8 @@ import numpy as np
 
 from .context import InputError, StreamContext
 from .items import KSpaceSlice, Notice, ReconImage
-from .numerics.calibration import (ESPIRIT_CROP_FROM_ACCELERATION, compressed_calibration, cropped_maps,
-                                   espirit_crop_level, sense_calibration_options)
+from .numerics.calibration import (ESPIRIT_CROP_FROM_ACCELERATION, FEW_COILS_CROP_LEVEL, compressed_calibration,
+                                   cropped_maps, espirit_crop_level, sense_calibration_options)
 from .numerics.coils import coil_compression_matrix, compress, root_sum_of_squares
 from .numerics.fft import ifftc
 from .numerics.grappa import DEFAULT_KX_TAPS, DEFAULT_KY_SOURCES, grappa_fill, grappa_weakness
@@ -129,7 +129,7 @@ def reconstruct_classical(data: SliceData, method: str, options: ClassicalOption
             centre_region(block, *SENSE_CALIBRATION_REGION), data.kspace.shape[1:], options.virtual_coils,
             **sense_calibration_options(lines))    # two ESPIRiT maps where the object folds
         coil_maps, crop = espirit_crop(coil_maps, eigenvalues[0] if eigenvalues else None, data.acceleration,
-                                       options.espirit_crop)
+                                       options.espirit_crop, data.coils, not reference_is_data(data))
         meta["PISF_EspiritCrop"] = crop
         measured = compress(data.kspace * data.mask[None, :, None], matrix)
         hybrid = ifftc(measured, axes=(-1,))
@@ -156,9 +156,11 @@ def reconstruct_classical(data: SliceData, method: str, options: ClassicalOption
 
 
 def espirit_crop(maps: np.ndarray, eigenvalues: np.ndarray | None, acceleration: float,
-                 setting: str) -> tuple[np.ndarray, str]:
+                 setting: str, coils: int | None = None,
+                 separate_reference: bool = False) -> tuple[np.ndarray, str]:
     """(maps for this slice's SENSE, what the meta says): the maps zeroed where their eigenvalue is
-    at or below `espirit_crop_level` (one map, R >= 4: measurement in numerics/calibration.py), a
+    at or below `espirit_crop_level` (one map, R >= 4; <= 8 coils with a separate reference, R >= 3,
+    at 0.95: measurements in numerics/calibration.py), a
     copy, so a cached calibration serves each image uncropped; setting "off": never."""
     if setting not in ("auto", "off"):
         raise ValueError(f"espirit_crop must be auto or off, not {setting!r}")
@@ -166,10 +168,13 @@ def espirit_crop(maps: np.ndarray, eigenvalues: np.ndarray | None, acceleration:
         return maps, "none (off)"
     if eigenvalues is None:
         return maps, "none (no eigenvalue map)"
-    level = espirit_crop_level(maps, acceleration)
+    level = espirit_crop_level(maps, acceleration, coils, separate_reference)
     if level <= 0:
         why = "two maps" if maps.ndim == 4 else f"R {acceleration:.2f} below {ESPIRIT_CROP_FROM_ACCELERATION:g}"
         return maps, f"none ({why})"
+    if level == FEW_COILS_CROP_LEVEL and separate_reference:
+        return (cropped_maps(maps, eigenvalues, level),
+                f"{level:g} ({coils} coils, separate reference, R {acceleration:.2f})")
     return cropped_maps(maps, eigenvalues, level), f"{level:g} (one map, R {acceleration:.2f})"
 
 

@@ -296,8 +296,25 @@ def test_grappa_weakness_names_random_masks_and_few_coils():
     assert grappa_weakness(regular.mask, 16) is None                   # gap 3: 12 coils wanted embedded
     assert "irregular" in grappa_weakness(irregular.mask, 16)
     assert "8 coils for a gap of 3 lines" in grappa_weakness(regular.mask, 8)
-    assert grappa_weakness(regular.mask, 4, reference_is_data=False) is None   # separate: 3.75 wanted
-    assert "3 coils for a gap of 3" in grappa_weakness(regular.mask, 3, reference_is_data=False)
+    assert grappa_weakness(regular.mask, 5, reference_is_data=False) is None   # separate: 4.5 wanted
+    assert "4 coils for a gap of 3" in grappa_weakness(regular.mask, 4, reference_is_data=False)
+
+
+def test_few_coils_with_a_separate_reference_crop_at_095_from_r3():
+    import numpy as np
+    from gadgets.classical import espirit_crop
+    from gadgets.numerics.calibration import FEW_COILS_CROP_LEVEL, espirit_crop_level
+    one, two = np.ones((4, 8, 8), np.complex64), np.ones((2, 4, 8, 8), np.complex64)
+    assert espirit_crop_level(one, 3.0, 4, separate_reference=True) == FEW_COILS_CROP_LEVEL == 0.95
+    assert espirit_crop_level(two, 3.0, 8, separate_reference=True) == 0.95      # two maps too
+    assert espirit_crop_level(one, 2.0, 4, separate_reference=True) == 0.0       # R 2: data fill it
+    assert espirit_crop_level(one, 3.0, 16, separate_reference=True) == 0.0      # 16 coils lost
+    assert espirit_crop_level(one, 3.0, 4, separate_reference=False) == 0.0      # embedded: R 4 rule
+    eigenvalues = np.full((8, 8), 0.9, np.float32)
+    eigenvalues[2:6, 2:6] = 0.99
+    maps, meta = espirit_crop(one, eigenvalues, 3.0, "auto", 4, separate_reference=True)
+    assert meta.startswith("0.95 (4 coils, separate reference")
+    assert np.count_nonzero(maps[0]) == 16                                       # only eigenvalue > 0.95 kept
 
 
 def test_classical_choice_picks_sense_on_a_random_mask_with_few_coils_and_says_so():

@@ -162,11 +162,13 @@ def grappa_fill(kspace: np.ndarray, mask: np.ndarray, reference: np.ndarray,
 # - a separate reference (the image lines alone are a pure equispaced mask, gap = R): GRAPPA won
 #   every case with 8-16 coils (R 2-4: +0.3 to +5 dB); with 4 coils R 2-3 -0.2 to +4, and with 4
 #   coils at R 4 (as many coils as the gap: the kernel inverts at its limit) brain -4.7, phantom
-#   +1.7 (the sense core with two-map calibration): more coils than the gap, 1.25 per line.
+#   +1.7 (the sense core with two-map calibration): more coils than the gap, 1.25 per line; with the
+#   few-coil 0.95 eigenvalue crop (numerics/calibration.py) SENSE beat GRAPPA at 4 coils R 3 (brain
+#   +0.34 vs -5.22, phantom -0.11 vs -0.36 dB to tuned BART l2; runs/eval18_fix): 1.5 per line.
 # An equispaced mask with an embedded centre has its commonest gap in 0.67-0.93 of the outer gaps
 # (R 3-8), a random one in 0.12-0.33 (0.5 at R 5 with 7 outer lines).
 REGULAR_FRACTION = 0.6        # share of the outer gaps equal to the commonest gap: a regular pattern
-COILS_PER_GAP = {"embedded": 4.0, "separate": 1.25}
+COILS_PER_GAP = {"embedded": 4.0, "separate": 1.5}
 
 
 def outer_gaps(mask: np.ndarray) -> np.ndarray:
