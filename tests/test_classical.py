@@ -380,3 +380,13 @@ def test_classical_chain_through_the_server_names_its_choice(server, tmp_path):
     simulate(many, matrix=64, coils=16, accel=2, acs=16, noise=0.01, seed=3)
     image = replay(many, *server.address, config="classical").images[0].image
     assert image.meta["PISF_Method"] == "GRAPPA" and "PISF_Lambda" not in image.meta
+
+
+def test_l1_lambda_factor_raises_lambda_on_separate_references_from_r4_or_few_coils_from_r3():
+    from gadgets.classical import L1_SEPARATE_FACTOR, l1_lambda_factor
+    assert L1_SEPARATE_FACTOR == 4.0
+    assert l1_lambda_factor(16, 4.0, True) == 4.0        # separate R 4, any coil count
+    assert l1_lambda_factor(4, 3.0, True) == 4.0         # few coils from R 3
+    assert l1_lambda_factor(16, 3.0, True) == 1.0        # 16 coils R 3 lost with it
+    assert l1_lambda_factor(4, 2.0, True) == 1.0         # R 2: the low clip is right there
+    assert l1_lambda_factor(4, 4.0, False) == 1.0        # embedded: unchanged
